@@ -1,0 +1,354 @@
+//! Agents and their runs.
+//!
+//! An [`Agent`] receives a run's child context (same user and thread as the connection, its own
+//! run and request ids) and an [`EventSink`]; it emits `agent_thinking` and tool events and
+//! returns the reply. [`drive_run`] owns everything around it: `agent_started`, the final
+//! `agent_completed` or `agent_error` (exactly one), cancellation, the timeout, the run's row,
+//! its span and its metrics.
+//!
+//! Every event is written through a session of the run's context. The sink submits without
+//! waiting for each commit (the store keeps their order and delivers each only after its
+//! commit), so a fast agent's events share group commits; the run waits for all of them before
+//! it is over.
+//!
+//! [`DemoAgent`] is the built-in agent. It is a demo and says so: no model, it counts the words
+//! of the message with a real (small) tool and echoes the text.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::context::UserExecutionContext;
+use crate::ids;
+use crate::metrics::{metrics, RunOutcome};
+use crate::protocol::{self, FrameMeta};
+use crate::session::{CommitReceipt, NewEvent, Role, SessionFactory, Write};
+use crate::store::StoreError;
+
+/// Why a run ended without a reply. `code` is the `agent_error` code on the wire.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AgentError {
+    #[error("run cancelled")]
+    Cancelled,
+    #[error("run timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("agent failed: {0}")]
+    Failed(String),
+    #[error("store failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl AgentError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AgentError::Cancelled => "cancelled",
+            AgentError::Timeout(_) => "timeout",
+            AgentError::Failed(_) => "agent_failed",
+            AgentError::Store(_) => "internal",
+        }
+    }
+
+    fn outcome(&self) -> RunOutcome {
+        match self {
+            AgentError::Cancelled => RunOutcome::Cancelled,
+            _ => RunOutcome::Failed,
+        }
+    }
+
+    /// What the user is told (no internals).
+    fn public_message(&self) -> String {
+        match self {
+            AgentError::Cancelled => "run cancelled by the user".into(),
+            AgentError::Timeout(d) => format!("run timed out after {} s", d.as_secs()),
+            AgentError::Failed(m) => m.clone(),
+            AgentError::Store(_) => "internal error while storing the run".into(),
+        }
+    }
+}
+
+/// What a run is asked to do.
+#[derive(Debug, Clone)]
+pub struct RunInput {
+    /// The user's message.
+    pub content: String,
+    /// The id of the stored user message that started the run.
+    pub message_id: String,
+}
+
+/// An agent.
+///
+/// Guarantee expected of implementations: emit only through the sink, return the whole reply
+/// text, and stop at the next `.await` when the run is cancelled (the future is dropped).
+#[async_trait]
+pub trait Agent: Send + Sync + 'static {
+    /// The name shown in `agent_started`.
+    fn name(&self) -> &str;
+
+    async fn run(&self, input: &RunInput, sink: &mut EventSink) -> Result<String, AgentError>;
+}
+
+/// Emits a run's events through sessions of the run's context.
+pub struct EventSink {
+    factory: SessionFactory,
+    ctx: UserExecutionContext,
+    reply_to: Option<Arc<str>>,
+    receipts: Vec<CommitReceipt>,
+    reply_message_id: String,
+    delta_offset: usize,
+}
+
+impl EventSink {
+    fn new(factory: SessionFactory, ctx: UserExecutionContext, reply_to: Option<Arc<str>>) -> Self {
+        Self {
+            factory,
+            ctx,
+            reply_to,
+            receipts: Vec::new(),
+            reply_message_id: ids::message_id(),
+            delta_offset: 0,
+        }
+    }
+
+    pub fn context(&self) -> &UserExecutionContext {
+        &self.ctx
+    }
+
+    fn event(&self, kind: &'static str, data: Value) -> Write {
+        Write::Event(NewEvent {
+            kind,
+            run_id: Some(self.ctx.run_id().into()),
+            reply_to: self.reply_to.clone(),
+            data,
+            ack: None,
+        })
+    }
+
+    async fn emit(&mut self, writes: Vec<Write>) -> Result<(), AgentError> {
+        let mut session = self.factory.create_session_from_context(&self.ctx);
+        for w in writes {
+            session.stage(w);
+        }
+        self.receipts.push(session.submit().await?);
+        Ok(())
+    }
+
+    /// `agent_thinking`.
+    pub async fn thinking(&mut self, thought: &str) -> Result<(), AgentError> {
+        let w = self.event("agent_thinking", json!({ "thought": thought }));
+        self.emit(vec![w]).await
+    }
+
+    /// `tool_executing`; returns the `tool_call_id` to pass to [`EventSink::tool_completed`].
+    pub async fn tool_executing(&mut self, tool: &str, input: Value) -> Result<String, AgentError> {
+        let call = ids::tool_call_id();
+        let w = self.event(
+            "tool_executing",
+            json!({ "tool": tool, "input": input, "tool_call_id": call }),
+        );
+        self.emit(vec![w]).await?;
+        Ok(call)
+    }
+
+    /// `tool_completed` for a call started with [`EventSink::tool_executing`].
+    pub async fn tool_completed(
+        &mut self,
+        tool: &str,
+        tool_call_id: &str,
+        output: Value,
+        duration: Duration,
+    ) -> Result<(), AgentError> {
+        let w = self.event(
+            "tool_completed",
+            json!({ "tool": tool, "output": output, "duration_ms": duration.as_millis() as u64, "tool_call_id": tool_call_id }),
+        );
+        self.emit(vec![w]).await
+    }
+
+    /// `agent_text_delta`: a piece of the reply, not stored, droppable for slow consumers.
+    pub async fn text_delta(&mut self, delta: &str) -> Result<(), AgentError> {
+        let text = protocol::frame(
+            "agent_text_delta",
+            FrameMeta {
+                thread_id: Some(self.ctx.thread_id()),
+                run_id: Some(self.ctx.run_id()),
+                reply_to: self.reply_to.as_deref(),
+                ..Default::default()
+            },
+            &json!({ "message_id": self.reply_message_id, "offset": self.delta_offset, "delta": delta }),
+        );
+        self.delta_offset += delta.chars().count();
+        self.emit(vec![Write::Transient { text }]).await
+    }
+
+    /// Wait for every submitted session to commit.
+    async fn settle(&mut self) -> Result<(), AgentError> {
+        let mut first_err = None;
+        for r in self.receipts.drain(..) {
+            match r.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(AgentError::Store(e));
+                }
+                Err(_) => {
+                    first_err.get_or_insert(AgentError::Store(StoreError::Closed));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Run an agent for one user message, from `agent_started` to exactly one of
+/// `agent_completed` / `agent_error`. `ctx` is the run's child context (its row was written with
+/// the user message).
+pub async fn drive_run(
+    agent: Arc<dyn Agent>,
+    factory: SessionFactory,
+    ctx: UserExecutionContext,
+    input: RunInput,
+    reply_to: Option<Arc<str>>,
+    cancel: CancellationToken,
+    timeout: Duration,
+) -> Result<(), AgentError> {
+    let span = ctx.run_span();
+    async move {
+        let m = metrics();
+        m.runs_started.inc();
+        m.runs_active.inc();
+        let started = Instant::now();
+        tracing::info!("run started");
+        let mut sink = EventSink::new(factory.clone(), ctx.clone(), reply_to);
+        let started_ev = sink.event("agent_started", json!({ "agent": agent.name(), "run_id": ctx.run_id() }));
+        let mut result = match sink.emit(vec![started_ev]).await {
+            Ok(()) => {
+                let fut = agent.run(&input, &mut sink);
+                tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => Err(AgentError::Cancelled),
+                    r = tokio::time::timeout(timeout, fut) => r.unwrap_or(Err(AgentError::Timeout(timeout))),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let final_writes = match &result {
+            Ok(reply) => vec![
+                Write::Message {
+                    message_id: sink.reply_message_id.clone(),
+                    role: Role::Agent,
+                    content: reply.clone(),
+                    run_id: Some(ctx.run_id().to_string()),
+                },
+                sink.event(
+                    "agent_completed",
+                    json!({ "message_id": sink.reply_message_id, "content": reply, "duration_ms": duration_ms }),
+                ),
+                Write::RunFinished {
+                    status: "completed",
+                    duration_ms,
+                    error_code: None,
+                },
+            ],
+            Err(e) => vec![
+                sink.event("agent_error", json!({ "code": e.code(), "message": e.public_message() })),
+                Write::RunFinished {
+                    status: if matches!(e, AgentError::Cancelled) { "cancelled" } else { "failed" },
+                    duration_ms,
+                    error_code: Some(e.code().to_string()),
+                },
+            ],
+        };
+        if let Err(e) = sink.emit(final_writes).await {
+            result = Err(e);
+        }
+        if let Err(e) = sink.settle().await {
+            tracing::error!(error = %e, "run events were not all stored");
+            result = Err(e);
+        }
+        let outcome = match &result {
+            Ok(_) => RunOutcome::Completed,
+            Err(e) => e.outcome(),
+        };
+        m.runs_active.dec();
+        m.run_finished(outcome);
+        m.run_duration.observe(started.elapsed().as_secs_f64());
+        tracing::info!(outcome = outcome.label(), duration_ms, "run finished");
+        result.map(|_| ())
+    }
+    .instrument(span)
+    .await
+}
+
+/// The built-in demo agent. Not an AI: it says so, runs a real word-count tool on the message
+/// and echoes it. `delay` paces its steps so a person can watch them (0 for benchmarks).
+pub struct DemoAgent {
+    pub delay: Duration,
+}
+
+impl DemoAgent {
+    async fn pace(&self) {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+    }
+}
+
+/// The demo agent's tool: words and characters of a text.
+pub fn word_count(text: &str) -> Value {
+    json!({ "words": text.split_whitespace().count(), "characters": text.chars().count() })
+}
+
+#[async_trait]
+impl Agent for DemoAgent {
+    fn name(&self) -> &str {
+        "demo"
+    }
+
+    async fn run(&self, input: &RunInput, sink: &mut EventSink) -> Result<String, AgentError> {
+        self.pace().await;
+        sink.thinking("I am Tether's built-in demo agent, not an AI model: I will count the words of your message and echo it.")
+            .await?;
+        self.pace().await;
+        let started = Instant::now();
+        let call = sink
+            .tool_executing("word_count", json!({ "text": input.content }))
+            .await?;
+        let output = word_count(&input.content);
+        self.pace().await;
+        sink.tool_completed("word_count", &call, output.clone(), started.elapsed())
+            .await?;
+        let words = output["words"].as_u64().unwrap_or(0);
+        let chars = output["characters"].as_u64().unwrap_or(0);
+        let reply = format!(
+            "(demo agent) You said: \"{}\" ({words} word{}, {chars} character{}). I am a demo without a model; connect a real agent to get real answers.",
+            input.content,
+            if words == 1 { "" } else { "s" },
+            if chars == 1 { "" } else { "s" },
+        );
+        // Stream the reply in two pieces, as a real agent would token by token.
+        let cut = reply
+            .char_indices()
+            .nth(reply.chars().count() / 2)
+            .map_or(reply.len(), |(i, _)| i);
+        sink.text_delta(&reply[..cut]).await?;
+        self.pace().await;
+        sink.text_delta(&reply[cut..]).await?;
+        Ok(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_count_counts_words_and_characters() {
+        assert_eq!(word_count("hello  wide world"), json!({"words": 3, "characters": 17}));
+        assert_eq!(word_count(""), json!({"words": 0, "characters": 0}));
+        assert_eq!(word_count("héllo"), json!({"words": 1, "characters": 5}));
+    }
+}

@@ -1,0 +1,60 @@
+//! The `tether` binary: `serve` (default), `token`.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tether::auth::Auth;
+use tether::config::{parse_ttl, Config, LogFormat};
+use tether::server::{shutdown_signal, Server};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "tether", version, about = "WebSocket gateway for multi-user real-time chat with AI agents")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    config: Config,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway (the default).
+    Serve,
+    /// Print a JWT for a user, signed with the configured (or generated) secret.
+    Token {
+        /// The user id (the token's `sub`).
+        #[arg(long)]
+        user: String,
+        /// Lifetime, e.g. 1h, 30m, 3600.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("TETHER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Some(Cmd::Token { user, ttl }) => {
+            let auth = Auth::from_config(&cli.config).context("cannot load the JWT key")?;
+            let token = auth.mint(&user, ttl).context("cannot mint the token")?;
+            println!("{token}");
+            Ok(())
+        }
+        None | Some(Cmd::Serve) => {
+            init_logs(cli.config.log_format);
+            let server = Server::bind(cli.config).await.context("cannot start the gateway")?;
+            server.run(shutdown_signal()).await.context("gateway failed")?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! Metrics: every figure the gateway exports, in one place.
+//!
+//! One process-wide [`Metrics`] (`metrics()`), plain atomics, rendered to the Prometheus text
+//! format by [`Metrics::render`]. Labels come only from the closed enums below: never a user,
+//! thread or connection id, so cardinality is fixed at compile time.
+//!
+//! Gauges that the registry or the store already know (connections active, managers, sessions
+//! open) are read from them at render time by the caller, not duplicated here.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
+
+/// A monotonically increasing counter.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A histogram with fixed bucket bounds (seconds).
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    /// Sum in microseconds, so it fits an integer atomic.
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        let idx = self.bounds.partition_point(|b| *b < seconds);
+        if let Some(b) = self.buckets.get(idx) {
+            b.fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add((seconds * 1e6) as u64, Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// An estimate of quantile `q` (0..1) in seconds, by linear interpolation in the bucket.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let target = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        let mut lower = 0.0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            let n = b.load(Relaxed);
+            if seen + n >= target {
+                let upper = self.bounds[i];
+                let frac = if n == 0 { 1.0 } else { (target - seen) as f64 / n as f64 };
+                return Some(lower + (upper - lower) * frac);
+            }
+            seen += n;
+            lower = self.bounds[i];
+        }
+        Some(lower)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", self.bounds[i]);
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}\n{name}_count {count}",
+            self.sum_us.load(Relaxed) as f64 / 1e6
+        );
+    }
+}
+
+macro_rules! closed_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident => $label:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($variant),+ }
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub fn label(self) -> &'static str {
+                match self { $($name::$variant => $label),+ }
+            }
+            fn index(self) -> usize { self as usize }
+        }
+    };
+}
+
+closed_enum!(
+    /// Kinds of client frames, for `messages_in_total`.
+    InKind {
+        UserMessage => "user_message",
+        Ping => "ping",
+        GetHistory => "get_history",
+        CancelRun => "cancel_run",
+        Unknown => "unknown",
+        Invalid => "invalid",
+    }
+);
+
+closed_enum!(
+    /// Kinds of server frames, for `messages_out_total`.
+    OutKind {
+        ConnectionEstablished => "connection_established",
+        Ack => "ack",
+        ThreadEvent => "thread_event",
+        TextDelta => "agent_text_delta",
+        Pong => "pong",
+        History => "history",
+        Error => "error",
+        ServerEvent => "server_event",
+    }
+);
+
+closed_enum!(
+    /// How a run ended.
+    RunOutcome {
+        Completed => "completed",
+        Failed => "failed",
+        Cancelled => "cancelled",
+    }
+);
+
+closed_enum!(
+    /// Close codes (PROTOCOL.md section 7), plus `1006` for connections that ended without a
+    /// close handshake (reset, stalled peer).
+    CloseLabel {
+        Normal => "1000",
+        GoingAway => "1001",
+        Protocol => "1002",
+        Unsupported => "1003",
+        Abnormal => "1006",
+        InvalidPayload => "1007",
+        Policy => "1008",
+        TooBig => "1009",
+        Internal => "1011",
+        Overloaded => "1013",
+        Heartbeat => "4000",
+        UserLimit => "4008",
+        SlowConsumer => "4009",
+        RateLimited => "4029",
+        Other => "other",
+    }
+);
+
+impl CloseLabel {
+    pub fn from_code(code: u16) -> Self {
+        match code {
+            1000 => Self::Normal,
+            1001 => Self::GoingAway,
+            1002 => Self::Protocol,
+            1003 => Self::Unsupported,
+            1006 => Self::Abnormal,
+            1007 => Self::InvalidPayload,
+            1008 => Self::Policy,
+            1009 => Self::TooBig,
+            1011 => Self::Internal,
+            1013 => Self::Overloaded,
+            4000 => Self::Heartbeat,
+            4008 => Self::UserLimit,
+            4009 => Self::SlowConsumer,
+            4029 => Self::RateLimited,
+            _ => Self::Other,
+        }
+    }
+}
+
+closed_enum!(
+    /// Where a thread id mismatch was seen.
+    MismatchSource {
+        Frame => "frame",
+        Cleanup => "cleanup",
+    }
+);
+
+closed_enum!(
+    /// Which per-user limit refused a connection.
+    LimitKind {
+        Connections => "connections",
+        Managers => "managers",
+    }
+);
+
+closed_enum!(
+    /// Store operations, for the latency histogram's label.
+    StoreOp {
+        Commit => "commit",
+        Read => "read",
+    }
+);
+
+closed_enum!(
+    /// HTTP-level refusals before the upgrade.
+    Rejection {
+        Unauthorized => "unauthorized",
+        ForbiddenThread => "forbidden_thread",
+        RateLimited => "rate_limited",
+        InvalidRequest => "invalid_request",
+        Draining => "draining",
+        Overloaded => "overloaded",
+    }
+);
+
+fn counters<E>(all: &[E]) -> Vec<Counter> {
+    all.iter().map(|_| Counter::default()).collect()
+}
+
+const LATENCY_BOUNDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// Every metric of the process.
+pub struct Metrics {
+    pub thread_mismatches: Vec<Counter>,
+    pub cleanups_attempted: Counter,
+    pub cleanups_completed: Counter,
+    pub emergency_cleanups: Counter,
+    pub connections_opened: Counter,
+    pub connections_closed: Vec<Counter>,
+    pub limit_rejections: Vec<Counter>,
+    pub handshake_rejections: Vec<Counter>,
+    pub messages_in: Vec<Counter>,
+    pub messages_out: Vec<Counter>,
+    pub runs_started: Counter,
+    pub runs_finished: Vec<Counter>,
+    pub runs_active: Gauge,
+    pub run_duration: Histogram,
+    pub sessions_opened: Counter,
+    pub sessions_committed: Counter,
+    pub sessions_rolled_back: Counter,
+    pub sessions_open: Gauge,
+    pub store_latency: Vec<Histogram>,
+    pub store_batch_size: Histogram,
+    pub outbound_drops: Counter,
+    pub slow_consumer_closes: Counter,
+    pub heartbeat_timeouts: Counter,
+    pub audit_rows_recovered: Counter,
+}
+
+const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+impl Metrics {
+    fn new() -> Self {
+        Self {
+            thread_mismatches: counters(MismatchSource::ALL),
+            cleanups_attempted: Counter::default(),
+            cleanups_completed: Counter::default(),
+            emergency_cleanups: Counter::default(),
+            connections_opened: Counter::default(),
+            connections_closed: counters(CloseLabel::ALL),
+            limit_rejections: counters(LimitKind::ALL),
+            handshake_rejections: counters(Rejection::ALL),
+            messages_in: counters(InKind::ALL),
+            messages_out: counters(OutKind::ALL),
+            runs_started: Counter::default(),
+            runs_finished: counters(RunOutcome::ALL),
+            runs_active: Gauge::default(),
+            run_duration: Histogram::new(LATENCY_BOUNDS),
+            sessions_opened: Counter::default(),
+            sessions_committed: Counter::default(),
+            sessions_rolled_back: Counter::default(),
+            sessions_open: Gauge::default(),
+            store_latency: StoreOp::ALL.iter().map(|_| Histogram::new(LATENCY_BOUNDS)).collect(),
+            store_batch_size: Histogram::new(BATCH_BOUNDS),
+            outbound_drops: Counter::default(),
+            slow_consumer_closes: Counter::default(),
+            heartbeat_timeouts: Counter::default(),
+            audit_rows_recovered: Counter::default(),
+        }
+    }
+
+    pub fn thread_mismatch(&self, source: MismatchSource) {
+        self.thread_mismatches[source.index()].inc();
+    }
+    pub fn thread_mismatch_total(&self) -> u64 {
+        self.thread_mismatches.iter().map(Counter::get).sum()
+    }
+    pub fn connection_closed(&self, code: u16) {
+        self.connections_closed[CloseLabel::from_code(code).index()].inc();
+    }
+    pub fn limit_rejection(&self, kind: LimitKind) {
+        self.limit_rejections[kind.index()].inc();
+    }
+    pub fn limit_rejection_total(&self) -> u64 {
+        self.limit_rejections.iter().map(Counter::get).sum()
+    }
+    pub fn handshake_rejected(&self, r: Rejection) {
+        self.handshake_rejections[r.index()].inc();
+    }
+    pub fn message_in(&self, k: InKind) {
+        self.messages_in[k.index()].inc();
+    }
+    pub fn message_in_total(&self) -> u64 {
+        self.messages_in.iter().map(Counter::get).sum()
+    }
+    pub fn message_out(&self, k: OutKind) {
+        self.messages_out[k.index()].inc();
+    }
+    pub fn message_out_n(&self, k: OutKind, n: u64) {
+        self.messages_out[k.index()].add(n);
+    }
+    pub fn message_out_total(&self) -> u64 {
+        self.messages_out.iter().map(Counter::get).sum()
+    }
+    pub fn run_finished(&self, outcome: RunOutcome) {
+        self.runs_finished[outcome.index()].inc();
+    }
+    pub fn runs_finished(&self, outcome: RunOutcome) -> u64 {
+        self.runs_finished[outcome.index()].get()
+    }
+    pub fn store_latency(&self, op: StoreOp) -> &Histogram {
+        &self.store_latency[op.index()]
+    }
+
+    /// Render every metric, plus the live gauges the caller reads from the registry and store.
+    pub fn render(&self, live: &LiveGauges) -> String {
+        let mut o = String::with_capacity(8 * 1024);
+        let c = |o: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        let g = |o: &mut String, name: &str, help: &str, v: f64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        fn labelled<E: Copy>(
+            o: &mut String,
+            name: &str,
+            help: &str,
+            label: &str,
+            all: &[E],
+            values: &[Counter],
+            lbl: impl Fn(E) -> &'static str,
+        ) {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (e, v) in all.iter().zip(values) {
+                let _ = writeln!(o, "{name}{{{label}=\"{}\"}} {}", lbl(*e), v.get());
+            }
+        }
+        labelled(
+            &mut o,
+            "tether_thread_mismatches_total",
+            "Frames whose thread_id did not match their connection's context, and cleanups that found no entry for their key.",
+            "source",
+            MismatchSource::ALL,
+            &self.thread_mismatches,
+            MismatchSource::label,
+        );
+        c(&mut o, "tether_manager_cleanups_attempted_total", "Manager cleanups attempted (last guard of a manager dropped).", self.cleanups_attempted.get());
+        c(&mut o, "tether_manager_cleanups_completed_total", "Manager cleanups that found and removed their manager.", self.cleanups_completed.get());
+        c(&mut o, "tether_emergency_cleanups_total", "Registry entries the backstop reaper had to remove (expected 0).", self.emergency_cleanups.get());
+        g(&mut o, "tether_managers_active", "Isolated managers (user, thread) alive.", live.managers as f64);
+        g(&mut o, "tether_users_with_managers", "Users with at least one manager.", live.users as f64);
+        g(&mut o, "tether_managers_per_user_avg", "Average managers per user with managers.", live.managers_per_user_avg);
+        g(&mut o, "tether_managers_per_user_max", "Largest number of managers one user holds.", live.managers_per_user_max as f64);
+        g(&mut o, "tether_connections_active", "WebSocket connections registered now.", live.connections as f64);
+        c(&mut o, "tether_connections_opened_total", "WebSocket connections accepted and registered.", self.connections_opened.get());
+        labelled(&mut o, "tether_connections_closed_total", "WebSocket connections closed, by close code (1006: no close handshake).", "code", CloseLabel::ALL, &self.connections_closed, CloseLabel::label);
+        labelled(&mut o, "tether_limit_rejections_total", "Connections refused with 4008 by a per-user limit.", "limit", LimitKind::ALL, &self.limit_rejections, LimitKind::label);
+        labelled(&mut o, "tether_handshake_rejections_total", "Upgrade requests refused before the upgrade.", "reason", Rejection::ALL, &self.handshake_rejections, Rejection::label);
+        labelled(&mut o, "tether_messages_in_total", "Client frames received, by type.", "type", InKind::ALL, &self.messages_in, InKind::label);
+        labelled(&mut o, "tether_messages_out_total", "Server frames queued, by type.", "type", OutKind::ALL, &self.messages_out, OutKind::label);
+        c(&mut o, "tether_runs_started_total", "Agent runs started.", self.runs_started.get());
+        labelled(&mut o, "tether_runs_finished_total", "Agent runs finished, by outcome.", "outcome", RunOutcome::ALL, &self.runs_finished, RunOutcome::label);
+        g(&mut o, "tether_runs_active", "Agent runs in progress.", self.runs_active.get() as f64);
+        self.run_duration.render(&mut o, "tether_run_duration_seconds", "Agent run duration, start to completed/error.");
+        c(&mut o, "tether_db_sessions_opened_total", "Request-scoped database sessions opened.", self.sessions_opened.get());
+        c(&mut o, "tether_db_sessions_committed_total", "Database sessions committed.", self.sessions_committed.get());
+        c(&mut o, "tether_db_sessions_rolled_back_total", "Database sessions rolled back (dropped without commit, or failed).", self.sessions_rolled_back.get());
+        g(&mut o, "tether_db_sessions_open", "Database sessions open now.", self.sessions_open.get() as f64);
+        let _ = writeln!(o, "# HELP tether_store_query_seconds Store latency by operation.\n# TYPE tether_store_query_seconds histogram");
+        for op in StoreOp::ALL {
+            let h = self.store_latency(*op);
+            let mut cumulative = 0;
+            for (i, b) in h.buckets.iter().enumerate() {
+                cumulative += b.load(Relaxed);
+                let _ = writeln!(o, "tether_store_query_seconds_bucket{{op=\"{}\",le=\"{}\"}} {cumulative}", op.label(), h.bounds[i]);
+            }
+            let _ = writeln!(o, "tether_store_query_seconds_bucket{{op=\"{}\",le=\"+Inf\"}} {}", op.label(), h.count());
+            let _ = writeln!(o, "tether_store_query_seconds_sum{{op=\"{}\"}} {}", op.label(), h.sum_us.load(Relaxed) as f64 / 1e6);
+            let _ = writeln!(o, "tether_store_query_seconds_count{{op=\"{}\"}} {}", op.label(), h.count());
+        }
+        self.store_batch_size.render(&mut o, "tether_store_commit_batch_size", "Sessions committed per group commit.");
+        c(&mut o, "tether_outbound_queue_drops_total", "Frames dropped because a connection's outbound queue was full.", self.outbound_drops.get());
+        c(&mut o, "tether_slow_consumer_closes_total", "Connections closed with 4009 (outbound queue overflow).", self.slow_consumer_closes.get());
+        c(&mut o, "tether_heartbeat_timeouts_total", "Connections closed with 4000 (no pong in time).", self.heartbeat_timeouts.get());
+        c(&mut o, "tether_audit_rows_recovered_total", "Audit rows left open by an earlier process and closed at start.", self.audit_rows_recovered.get());
+        g(&mut o, "tether_draining", "1 while the node drains.", if live.draining { 1.0 } else { 0.0 });
+        o
+    }
+}
+
+/// Gauges read from their owners at render time.
+#[derive(Debug, Default, Clone)]
+pub struct LiveGauges {
+    pub connections: u64,
+    pub managers: u64,
+    pub users: u64,
+    pub managers_per_user_avg: f64,
+    pub managers_per_user_max: u64,
+    pub draining: bool,
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(Metrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_fall_in_the_right_bucket() {
+        let h = Histogram::new(LATENCY_BOUNDS);
+        assert_eq!(h.quantile(0.5), None);
+        for _ in 0..99 {
+            h.observe(0.003);
+        }
+        h.observe(2.0);
+        let p50 = h.quantile(0.5).unwrap();
+        assert!((0.0025..=0.005).contains(&p50), "{p50}");
+        let p100 = h.quantile(1.0).unwrap();
+        assert!((1.0..=2.5).contains(&p100), "{p100}");
+    }
+
+    #[test]
+    fn render_has_no_ids_and_parses_as_text_format() {
+        let m = Metrics::new();
+        m.connection_closed(4008);
+        m.connection_closed(1234);
+        let text = m.render(&LiveGauges::default());
+        assert!(text.contains("tether_connections_closed_total{code=\"4008\"} 1"));
+        assert!(text.contains("tether_connections_closed_total{code=\"other\"} 1"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(!name.is_empty());
+            value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {line}"));
+        }
+    }
+}

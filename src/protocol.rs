@@ -1,0 +1,488 @@
+//! The wire protocol `tether.v1` (PROTOCOL.md): envelopes, frame types, error codes and the one
+//! table of close codes.
+//!
+//! This module owns the shape of every byte on the socket: parsing client frames into
+//! [`ClientRequest`]s (never panicking on hostile input) and building server frames. It knows
+//! nothing about connections, storage or agents.
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+/// The subprotocol name.
+pub const PROTOCOL: &str = "tether.v1";
+/// Longest client correlation id (`id`), in bytes.
+pub const MAX_CLIENT_ID_BYTES: usize = 128;
+/// Default and largest `limit` of `get_history` and the events API.
+pub const DEFAULT_HISTORY_LIMIT: u32 = 100;
+pub const MAX_HISTORY_LIMIT: u32 = 1000;
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-11-29T16:20:01.123Z`.
+pub fn rfc3339_ms(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let ms = unix_ms % 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{ms:03}Z")
+}
+
+/// Now, as [`rfc3339_ms`].
+pub fn now_rfc3339() -> String {
+    rfc3339_ms(crate::ids::unix_ms())
+}
+
+/// `error` frame codes (PROTOCOL.md section 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidJson,
+    InvalidMessage,
+    UnknownType,
+    ThreadMismatch,
+    RateLimited,
+    UnknownRun,
+    Internal,
+}
+
+/// Why the server closes a connection. The one table of close codes and reasons
+/// (PROTOCOL.md section 7); every close goes through [`CloseReason::code`] and
+/// [`CloseReason::reason`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    Normal,
+    ShuttingDown,
+    ProtocolError,
+    Binary,
+    InvalidUtf8,
+    DisconnectedByServer,
+    TooManyProtocolErrors,
+    TooBig { max: usize },
+    Internal,
+    Overloaded,
+    HeartbeatTimeout,
+    /// A per-user limit; the text names it and the numbers.
+    UserLimit(String),
+    SlowConsumer,
+    RateLimited { per_second: u32 },
+}
+
+impl CloseReason {
+    pub fn code(&self) -> u16 {
+        match self {
+            Self::Normal => 1000,
+            Self::ShuttingDown => 1001,
+            Self::ProtocolError => 1002,
+            Self::Binary => 1003,
+            Self::InvalidUtf8 => 1007,
+            Self::DisconnectedByServer | Self::TooManyProtocolErrors => 1008,
+            Self::TooBig { .. } => 1009,
+            Self::Internal => 1011,
+            Self::Overloaded => 1013,
+            Self::HeartbeatTimeout => 4000,
+            Self::UserLimit(_) => 4008,
+            Self::SlowConsumer => 4009,
+            Self::RateLimited { .. } => 4029,
+        }
+    }
+
+    /// The close reason text, at most 123 bytes.
+    pub fn reason(&self) -> String {
+        let s = match self {
+            Self::Normal => "normal close".to_string(),
+            Self::ShuttingDown => "server shutting down".to_string(),
+            Self::ProtocolError => "protocol error".to_string(),
+            Self::Binary => "binary frames are not supported".to_string(),
+            Self::InvalidUtf8 => "text frame is not valid UTF-8".to_string(),
+            Self::DisconnectedByServer => "disconnected by server".to_string(),
+            Self::TooManyProtocolErrors => "too many invalid frames".to_string(),
+            Self::TooBig { max } => format!("message too big (max {max} bytes)"),
+            Self::Internal => "internal error".to_string(),
+            Self::Overloaded => "server overloaded".to_string(),
+            Self::HeartbeatTimeout => "heartbeat timeout: no pong in time".to_string(),
+            Self::UserLimit(text) => text.clone(),
+            Self::SlowConsumer => crate::registry::SLOW_CONSUMER_REASON.to_string(),
+            Self::RateLimited { per_second } => {
+                format!("too many messages (limit {per_second}/s)")
+            }
+        };
+        truncate_utf8(s, 123)
+    }
+
+    /// The reason for a close another component asked for by code (registry requests).
+    pub fn from_request(code: u16, reason: &str) -> Self {
+        match code {
+            4009 => Self::SlowConsumer,
+            1001 => Self::ShuttingDown,
+            1008 if reason == "disconnected by server" => Self::DisconnectedByServer,
+            _ => Self::DisconnectedByServer,
+        }
+    }
+}
+
+fn truncate_utf8(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// A server frame's envelope. `data` is serialized once; callers pass any `Serialize`.
+#[derive(Serialize)]
+struct Envelope<'a, D: Serialize + ?Sized> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    ts: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thread_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reply_to: Option<&'a str>,
+    data: &'a D,
+}
+
+/// The envelope fields of a server frame other than its type and data.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FrameMeta<'a> {
+    pub thread_id: Option<&'a str>,
+    pub run_id: Option<&'a str>,
+    pub seq: Option<u64>,
+    pub reply_to: Option<&'a str>,
+    /// Unix ms of the frame; `None` means now.
+    pub ts_ms: Option<u64>,
+}
+
+impl<'a> FrameMeta<'a> {
+    /// The same meta with `reply_to` set.
+    pub fn with_reply(mut self, reply_to: Option<&'a str>) -> Self {
+        self.reply_to = reply_to;
+        self
+    }
+}
+
+/// Build one server frame as JSON text.
+pub fn frame<D: Serialize + ?Sized>(kind: &str, meta: FrameMeta<'_>, data: &D) -> String {
+    let ts = rfc3339_ms(meta.ts_ms.unwrap_or_else(crate::ids::unix_ms));
+    let env = Envelope {
+        kind,
+        ts: &ts,
+        thread_id: meta.thread_id,
+        run_id: meta.run_id,
+        seq: meta.seq,
+        reply_to: meta.reply_to,
+        data,
+    };
+    // Serializing our own structs and `Value`s cannot fail.
+    serde_json::to_string(&env).unwrap_or_else(|_| String::from("{}"))
+}
+
+/// An `error` frame.
+pub fn error_frame(thread_id: &str, reply_to: Option<&str>, code: ErrorCode, message: &str) -> String {
+    #[derive(Serialize)]
+    struct D<'a> {
+        code: ErrorCode,
+        message: &'a str,
+    }
+    frame(
+        "error",
+        FrameMeta {
+            thread_id: Some(thread_id),
+            reply_to,
+            ..Default::default()
+        },
+        &D { code, message },
+    )
+}
+
+/// A `history` frame around already-serialized stored events.
+pub fn history_frame(thread_id: &str, reply_to: Option<&str>, events: &[String], last_seq: u64) -> String {
+    let raw: Vec<&RawValue> = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<&RawValue>(e).ok())
+        .collect();
+    #[derive(Serialize)]
+    struct D<'a> {
+        events: Vec<&'a RawValue>,
+        last_seq: u64,
+    }
+    frame(
+        "history",
+        FrameMeta {
+            thread_id: Some(thread_id),
+            reply_to,
+            ..Default::default()
+        },
+        &D {
+            events: raw,
+            last_seq,
+        },
+    )
+}
+
+/// What a client frame asks for, after validation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientRequest {
+    /// `user_message`, `chat` or `start_agent`.
+    UserMessage { content: String },
+    Ping,
+    GetHistory { since: u64, limit: u32 },
+    CancelRun { run_id: String },
+}
+
+/// A parsed client frame: the request plus its envelope fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientFrame {
+    pub id: Option<String>,
+    pub thread_id: Option<String>,
+    pub request: ClientRequest,
+}
+
+/// Why a client frame was refused. Carries the client `id` when one could be read, so the
+/// `error` frame can echo it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub id: Option<String>,
+}
+
+impl FrameError {
+    fn new(code: ErrorCode, message: impl Into<String>, id: Option<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            id,
+        }
+    }
+}
+
+/// Parse one client text frame. Never panics; serde_json's recursion limit bounds nesting, the
+/// frame size limit bounds everything else.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| FrameError::new(ErrorCode::InvalidJson, format!("invalid JSON: {e}"), None))?;
+    let Value::Object(mut obj) = value else {
+        return Err(FrameError::new(
+            ErrorCode::InvalidMessage,
+            "a frame must be a JSON object",
+            None,
+        ));
+    };
+    let id = match obj.remove("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() <= MAX_CLIENT_ID_BYTES => Some(s),
+        Some(Value::String(_)) => {
+            return Err(FrameError::new(
+                ErrorCode::InvalidMessage,
+                format!("id is longer than {MAX_CLIENT_ID_BYTES} bytes"),
+                None,
+            ))
+        }
+        Some(_) => {
+            return Err(FrameError::new(
+                ErrorCode::InvalidMessage,
+                "id must be a string",
+                None,
+            ))
+        }
+    };
+    let invalid = |msg: &str| FrameError::new(ErrorCode::InvalidMessage, msg, id.clone());
+    let kind = match obj.remove("type") {
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(invalid("type must be a string")),
+        None => return Err(invalid("type is required")),
+    };
+    let thread_id = match obj.remove("thread_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(_) => return Err(invalid("thread_id must be a string")),
+    };
+    let data = match obj.remove("data").or_else(|| obj.remove("payload")) {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(invalid("data must be an object")),
+    };
+    let request = match kind.as_str() {
+        "user_message" | "chat" | "start_agent" => {
+            let keys: &[&str] = if kind == "start_agent" {
+                &["user_request", "content", "message", "text"]
+            } else {
+                &["content", "message", "text"]
+            };
+            let content = keys
+                .iter()
+                .find_map(|k| data.get(*k))
+                .ok_or_else(|| invalid("data.content is required"))?;
+            let Value::String(content) = content else {
+                return Err(invalid("data.content must be a string"));
+            };
+            if content.trim().is_empty() {
+                return Err(invalid("data.content must not be empty"));
+            }
+            ClientRequest::UserMessage {
+                content: content.clone(),
+            }
+        }
+        "ping" => ClientRequest::Ping,
+        "get_history" => {
+            let since = match data.get("since") {
+                None | Some(Value::Null) => 0,
+                Some(v) => v
+                    .as_u64()
+                    .ok_or_else(|| invalid("data.since must be a non-negative integer"))?,
+            };
+            let limit = match data.get("limit") {
+                None | Some(Value::Null) => DEFAULT_HISTORY_LIMIT,
+                Some(v) => match v.as_u64() {
+                    Some(n) if (1..=u64::from(MAX_HISTORY_LIMIT)).contains(&n) => n as u32,
+                    _ => {
+                        return Err(invalid(&format!(
+                            "data.limit must be an integer from 1 to {MAX_HISTORY_LIMIT}"
+                        )))
+                    }
+                },
+            };
+            ClientRequest::GetHistory { since, limit }
+        }
+        "cancel_run" => match data.get("run_id") {
+            Some(Value::String(r)) if !r.is_empty() => ClientRequest::CancelRun { run_id: r.clone() },
+            _ => return Err(invalid("data.run_id is required")),
+        },
+        other => {
+            let shown = truncate_utf8(other.to_string(), 64);
+            return Err(FrameError::new(
+                ErrorCode::UnknownType,
+                format!("unknown type '{shown}'"),
+                id,
+            ));
+        }
+    };
+    Ok(ClientFrame {
+        id,
+        thread_id,
+        request,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_millis() {
+        assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_ms(1_795_969_201_123), "2026-11-29T16:20:01.123Z");
+        assert_eq!(rfc3339_ms(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn user_message_and_synonyms_parse() {
+        let f = parse_client_frame(r#"{"type":"user_message","id":"c-1","thread_id":"t","data":{"content":"hi"}}"#).unwrap();
+        assert_eq!(f.id.as_deref(), Some("c-1"));
+        assert_eq!(f.thread_id.as_deref(), Some("t"));
+        assert_eq!(f.request, ClientRequest::UserMessage { content: "hi".into() });
+        for text in [
+            r#"{"type":"chat","payload":{"message":"hi"}}"#,
+            r#"{"type":"user_message","data":{"text":"hi"}}"#,
+            r#"{"type":"start_agent","data":{"user_request":"hi"}}"#,
+        ] {
+            assert_eq!(
+                parse_client_frame(text).unwrap().request,
+                ClientRequest::UserMessage { content: "hi".into() }
+            );
+        }
+    }
+
+    #[test]
+    fn bad_frames_get_the_documented_codes() {
+        let code = |t: &str| parse_client_frame(t).unwrap_err().code;
+        assert_eq!(code("{"), ErrorCode::InvalidJson);
+        assert_eq!(code("[1]"), ErrorCode::InvalidMessage);
+        assert_eq!(code(r#"{"id":"x"}"#), ErrorCode::InvalidMessage);
+        assert_eq!(code(r#"{"type":5}"#), ErrorCode::InvalidMessage);
+        assert_eq!(code(r#"{"type":"user_message","data":{}}"#), ErrorCode::InvalidMessage);
+        assert_eq!(code(r#"{"type":"user_message","data":{"content":7}}"#), ErrorCode::InvalidMessage);
+        assert_eq!(code(r#"{"type":"get_history","data":{"limit":1001}}"#), ErrorCode::InvalidMessage);
+        assert_eq!(code(r#"{"type":"get_history","data":{"since":-1}}"#), ErrorCode::InvalidMessage);
+        assert_eq!(code(r#"{"type":"cancel_run","data":{}}"#), ErrorCode::InvalidMessage);
+        assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        let long_id = format!(r#"{{"type":"ping","id":"{}"}}"#, "x".repeat(129));
+        assert_eq!(code(&long_id), ErrorCode::InvalidMessage);
+        // The id is echoed when it could be read.
+        let e = parse_client_frame(r#"{"type":"dance","id":"c-9"}"#).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("c-9"));
+    }
+
+    #[test]
+    fn json_bombs_are_refused_without_panicking() {
+        let deep = "[".repeat(100_000);
+        assert_eq!(parse_client_frame(&deep).unwrap_err().code, ErrorCode::InvalidJson);
+        let deep_obj = format!("{}{}", r#"{"a":"#.repeat(10_000), "}".repeat(10_000));
+        assert!(parse_client_frame(&deep_obj).is_err());
+        let huge_num = format!(r#"{{"type":"get_history","data":{{"since":1{}}}}}"#, "0".repeat(5000));
+        assert!(parse_client_frame(&huge_num).is_err());
+    }
+
+    #[test]
+    fn close_reasons_fit_in_123_bytes() {
+        let long = CloseReason::UserLimit("x".repeat(500));
+        assert_eq!(long.reason().len(), 123);
+        assert_eq!(CloseReason::RateLimited { per_second: 20 }.reason(), "too many messages (limit 20/s)");
+        assert_eq!(CloseReason::SlowConsumer.code(), 4009);
+    }
+
+    #[test]
+    fn frames_carry_the_envelope() {
+        let text = frame(
+            "agent_thinking",
+            FrameMeta {
+                thread_id: Some("t"),
+                run_id: Some("r"),
+                seq: Some(3),
+                reply_to: Some("c-1"),
+                ts_ms: Some(0),
+            },
+            &serde_json::json!({"thought": "hm"}),
+        );
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["type"], "agent_thinking");
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["reply_to"], "c-1");
+        assert_eq!(v["ts"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["data"]["thought"], "hm");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_client_frame_never_panics(s in "\\PC{0,200}") {
+            let _ = parse_client_frame(&s);
+        }
+
+        #[test]
+        fn parse_client_frame_never_panics_on_envelope_shapes(
+            kind in "(user_message|ping|get_history|cancel_run|chat|x)",
+            key in "(content|since|limit|run_id|message)",
+            val in "(\"[a-z]{0,5}\"|-?[0-9]{1,25}|null|true|\\[\\]|\\{\\}|1e999)",
+        ) {
+            let text = format!(r#"{{"type":"{kind}","id":"c","data":{{"{key}":{val}}}}}"#);
+            let _ = parse_client_frame(&text);
+        }
+    }
+}

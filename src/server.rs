@@ -1,0 +1,166 @@
+//! Assembly and lifecycle: builds the registry, broker, store, agent and routes from a
+//! [`Config`], serves them, and shuts down gracefully.
+//!
+//! Shutdown (SIGTERM/SIGINT, or the future given to [`Server::run`]): the node starts draining
+//! (`/readyz` 503, new upgrades 503, every connection closed with 1001), connection tasks and runs
+//! get the grace period, runs still going are then cancelled, HTTP stops, the store's writer
+//! commits what is queued (including every audit close) and the process exits.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agent::{Agent, DemoAgent};
+use crate::auth::{Auth, AuthError};
+use crate::broker::{Broker, LocalBroker};
+use crate::config::Config;
+use crate::gateway::{router, AppState};
+use crate::metrics::metrics;
+use crate::registry::{Limits, Registry};
+use crate::store::{SqlStore, Store, StoreError, StoreOptions};
+
+/// Errors that stop the server from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("auth: {0}")]
+    Auth(#[from] AuthError),
+    #[error("cannot read or create the admin token: {0}")]
+    AdminToken(std::io::Error),
+    #[error("server I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<AppState>,
+}
+
+/// How often the backstop reaper and other housekeeping run.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
+
+impl Server {
+    /// Open the store, recover audit rows left open by an earlier process, and bind.
+    pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let auth = Auth::from_config(&config)?;
+        let admin_token = config.resolve_admin_token().map_err(ServerError::AdminToken)?;
+        let registry = Registry::new(Limits {
+            max_connections_per_user: config.max_connections_per_user as usize,
+            max_managers_per_user: config.max_managers_per_user as usize,
+        });
+        let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new(registry.clone()));
+        let mut opts = StoreOptions::sqlite_in(&std::fs::canonicalize(&config.data_dir)?);
+        if let Some(url) = &config.database_url {
+            opts.url = url.expose().to_string();
+        }
+        opts.node_id = config.node_id.clone();
+        opts.sqlite_synchronous = config.sqlite_synchronous.clone();
+        let store: Arc<dyn Store> = SqlStore::open(opts, broker.clone()).await?;
+        let recovered = store.recover_open_audit_rows().await?;
+        if recovered > 0 {
+            metrics().audit_rows_recovered.add(recovered);
+            tracing::warn!(recovered, "closed audit rows left open by an earlier process");
+        }
+        let agent: Arc<dyn Agent> = Arc::new(DemoAgent {
+            delay: config.agent_delay(),
+        });
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let state = AppState::new(config, registry, store, broker, agent, auth, admin_token, TaskTracker::new());
+        Ok(Self { listener, state })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serve until `signal` resolves, then drain and shut down within the grace period.
+    pub async fn run(self, signal: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+        let st = self.state;
+        let http_stop = CancellationToken::new();
+        let app = router(st.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let stop = http_stop.clone();
+        let http = tokio::spawn(async move {
+            axum::serve(self.listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        });
+        let hk_state = st.clone();
+        let housekeeping = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = hk_state.shutdown.cancelled() => break,
+                    _ = tick.tick() => hk_state.housekeeping(),
+                }
+            }
+        });
+        tracing::info!(addr = %st.config.listen, "tether listening");
+        signal.await;
+        tracing::info!("draining: closing connections with 1001");
+        st.start_drain();
+        st.tracker.close();
+        let grace = st.config.shutdown_grace();
+        if tokio::time::timeout(grace, st.tracker.wait()).await.is_err() {
+            tracing::warn!("grace period over: cancelling runs still in progress");
+            st.runs_cancel.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), st.tracker.wait()).await;
+        }
+        http_stop.cancel();
+        match tokio::time::timeout(Duration::from_secs(2), http).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("HTTP connections still open at exit"),
+        }
+        housekeeping.abort();
+        st.store.close().await;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

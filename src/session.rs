@@ -1,0 +1,170 @@
+//! Request-scoped database sessions: units of work created only from a context.
+//!
+//! A [`DbSession`] is opened by [`SessionFactory::create_session_from_context`], carries that
+//! context's ids into every row it writes, stages writes, and is either committed
+//! ([`DbSession::commit`] or [`DbSession::submit`]) or dropped, which rolls it back (nothing staged
+//! reaches the database). Whatever path ends it, Drop keeps the counters true: opened, committed,
+//! rolled back, open now.
+//!
+//! The session does not talk to the database itself: committing hands the staged writes to the
+//! store's group-commit writer ([`crate::store`]), which puts many sessions in one transaction
+//! (each in its own savepoint) and delivers their events, in `seq` order, only after the commit.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::context::UserExecutionContext;
+use crate::metrics::metrics;
+use crate::store::{Store, StoreError};
+
+/// Deliver an `ack` to the sending connection instead of the event itself.
+#[derive(Debug, Clone)]
+pub struct AckTo {
+    pub message_id: String,
+    /// The run the message starts.
+    pub run_id: String,
+}
+
+/// A thread event to append; the writer assigns its `seq` and timestamp.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kind: &'static str,
+    pub run_id: Option<Arc<str>>,
+    pub reply_to: Option<Arc<str>>,
+    pub data: Value,
+    /// For `user_message`: the sender (the session's connection) gets an `ack`, the user's other
+    /// connections on the thread get the event.
+    pub ack: Option<AckTo>,
+}
+
+/// The role of a stored chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    User,
+    Agent,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Agent => "agent",
+        }
+    }
+}
+
+/// One staged write.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Create the session's thread, owned by its user.
+    CreateThread,
+    Event(NewEvent),
+    Message {
+        message_id: String,
+        role: Role,
+        content: String,
+        run_id: Option<String>,
+    },
+    /// Record a run (of the given child context) as started.
+    RunStarted { run: UserExecutionContext },
+    /// Record the session's run as finished.
+    RunFinished {
+        status: &'static str,
+        duration_ms: u64,
+        error_code: Option<String>,
+    },
+    /// Not stored: a frame (a text delta) delivered in order with the session's thread events.
+    Transient { text: String },
+}
+
+/// Opens sessions. Cheap to clone.
+#[derive(Clone)]
+pub struct SessionFactory {
+    store: Arc<dyn Store>,
+}
+
+impl SessionFactory {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+
+    /// The only way to open a session: from an existing context, whose ids it uses.
+    pub fn create_session_from_context(&self, ctx: &UserExecutionContext) -> DbSession {
+        metrics().sessions_opened.inc();
+        metrics().sessions_open.inc();
+        DbSession {
+            ctx: ctx.clone(),
+            store: self.store.clone(),
+            writes: Vec::new(),
+            finished: false,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+}
+
+/// A unit of work. Dropping it uncommitted rolls it back.
+#[must_use = "a session that is dropped is rolled back"]
+pub struct DbSession {
+    ctx: UserExecutionContext,
+    store: Arc<dyn Store>,
+    writes: Vec<Write>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for DbSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbSession")
+            .field("ctx", &self.ctx)
+            .field("writes", &self.writes.len())
+            .finish()
+    }
+}
+
+/// The outcome of a submitted session: the `seq`s of its events, once committed.
+pub type CommitReceipt = oneshot::Receiver<Result<Vec<u64>, StoreError>>;
+
+impl DbSession {
+    pub fn context(&self) -> &UserExecutionContext {
+        &self.ctx
+    }
+
+    pub fn stage(&mut self, write: Write) -> &mut Self {
+        self.writes.push(write);
+        self
+    }
+
+    /// Hand the writes to the store's writer without waiting for the commit. Order is kept:
+    /// sessions submitted one after the other commit (and deliver) in that order. The receipt
+    /// tells the outcome; dropping it is fine.
+    pub async fn submit(mut self) -> Result<CommitReceipt, StoreError> {
+        let writes = std::mem::take(&mut self.writes);
+        self.finished = true;
+        let res = self.store.submit(self.ctx.clone(), writes).await;
+        // The writer counts committed or rolled back once the transaction ends; a session the
+        // writer never received is rolled back here.
+        if res.is_err() {
+            metrics().sessions_rolled_back.inc();
+        }
+        res
+    }
+
+    /// Commit and wait: returns the `seq`s of the appended events.
+    pub async fn commit(self) -> Result<Vec<u64>, StoreError> {
+        let receipt = self.submit().await?;
+        receipt.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Drop for DbSession {
+    fn drop(&mut self) {
+        metrics().sessions_open.dec();
+        if !self.finished {
+            metrics().sessions_rolled_back.inc();
+        }
+    }
+}

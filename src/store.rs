@@ -1,0 +1,747 @@
+//! The store: threads, messages, runs, thread events and the connection audit trail.
+//!
+//! [`Store`] is the seam; [`SqlStore`] implements it for SQLite (the embedded default: a WAL
+//! file under the data directory) and PostgreSQL, with one set of portable SQL (`$n`
+//! parameters, `BIGINT` unix-ms timestamps, `UPDATE .. RETURNING`).
+//!
+//! Writes go through one *group-commit writer* task per store: it takes every session that is
+//! waiting, writes them in one transaction, commits, and only then hands their frames to the
+//! broker, in order, and answers each waiter. So an `ack` or a thread event never leaves before
+//! its commit (DESIGN-NOTES invariant 4), and per-thread `seq`s are assigned by
+//! `UPDATE threads SET last_seq = last_seq + n .. RETURNING last_seq`, which serializes appends
+//! per thread inside the database, also across nodes sharing PostgreSQL (invariant 5). If a
+//! batch fails, each session in it is retried alone, so one bad session cannot fail others.
+//!
+//! Reads (history, thread lists, ownership checks) use the pool directly.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::Serialize;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::broker::{Broker, Delivery};
+use crate::context::{OwnedThread, UserExecutionContext};
+use crate::ids::unix_ms;
+use crate::metrics::{metrics, StoreOp};
+use crate::protocol::{self, FrameMeta};
+use crate::registry::OutFrame;
+use crate::session::{NewEvent, Write};
+
+/// Errors at the store boundary. Messages never contain credentials (connection URLs are not
+/// included).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("thread not found for this user")]
+    ThreadNotFound,
+    #[error("the store is shut down")]
+    Closed,
+    #[error("invalid store configuration: {0}")]
+    Config(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        // sqlx errors carry no connection strings; Configuration errors may, so drop their text.
+        match e {
+            sqlx::Error::Configuration(_) => StoreError::Config("bad database configuration".into()),
+            other => StoreError::Database(other.to_string()),
+        }
+    }
+}
+
+/// A thread as listed by `GET /api/threads`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ThreadSummary {
+    pub thread_id: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub last_seq: u64,
+}
+
+/// Stored events of a thread: each the JSON text of the frame as it was sent.
+#[derive(Debug, Clone, Default)]
+pub struct EventPage {
+    pub events: Vec<(u64, String)>,
+    pub last_seq: u64,
+}
+
+/// Where rows are stored.
+///
+/// Guarantees: a session handed to [`Store::submit`] is committed atomically or not at all;
+/// sessions submitted in order commit and deliver in that order; event `seq`s of a thread are
+/// 1, 2, 3, ... without gaps or duplicates, across restarts and nodes; the frames of a session
+/// reach the broker only after its commit.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Queue a session's writes for the group-commit writer. Resolves once queued; the receiver
+    /// resolves after the commit with the `seq`s of the session's events.
+    async fn submit(
+        &self,
+        ctx: UserExecutionContext,
+        writes: Vec<Write>,
+    ) -> Result<oneshot::Receiver<Result<Vec<u64>, StoreError>>, StoreError>;
+
+    /// The thread if it exists and belongs to `user_id` (ownership proof), with its last `seq`.
+    async fn find_thread(&self, user_id: &str, thread_id: &str) -> Result<Option<(OwnedThread, u64)>, StoreError>;
+
+    /// The user's threads, most recently updated first.
+    async fn list_threads(&self, user_id: &str, limit: u32) -> Result<Vec<ThreadSummary>, StoreError>;
+
+    /// Events with `seq > since`, oldest first, at most `limit`.
+    async fn events_since(&self, thread_id: &str, since: u64, limit: u32) -> Result<EventPage, StoreError>;
+
+    /// Record a connection as opened (audit trail). Queued in order with the writer.
+    async fn audit_open(&self, ctx: &UserExecutionContext) -> Result<(), StoreError>;
+
+    /// Record a connection as closed. Never blocks (called from Drop).
+    fn audit_close(&self, connection_id: Arc<str>, code: u16, reason: String);
+
+    /// Close audit rows an earlier process of this node left open. Returns how many.
+    async fn recover_open_audit_rows(&self) -> Result<u64, StoreError>;
+
+    /// Audit rows of this node still open.
+    async fn open_audit_rows(&self) -> Result<u64, StoreError>;
+
+    /// Whether the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Commit everything queued, then stop the writer.
+    async fn close(&self);
+}
+
+/// SQL dialect differences that portable SQL cannot hide (only DDL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS threads (
+        thread_id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        last_seq BIGINT NOT NULL DEFAULT 0)",
+    "CREATE INDEX IF NOT EXISTS threads_by_user ON threads (user_id, updated_at)",
+    "CREATE TABLE IF NOT EXISTS thread_events (
+        thread_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        kind TEXT NOT NULL,
+        run_id TEXT,
+        created_at BIGINT NOT NULL,
+        frame TEXT NOT NULL,
+        PRIMARY KEY (thread_id, seq))",
+    "CREATE TABLE IF NOT EXISTS messages (
+        message_id TEXT PRIMARY KEY,
+        thread_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        run_id TEXT,
+        request_id TEXT NOT NULL,
+        role TEXT NOT NULL,
+        content TEXT NOT NULL,
+        created_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS runs (
+        run_id TEXT PRIMARY KEY,
+        thread_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        connection_id TEXT NOT NULL,
+        parent_run_id TEXT,
+        status TEXT NOT NULL,
+        started_at BIGINT NOT NULL,
+        finished_at BIGINT,
+        duration_ms BIGINT,
+        error_code TEXT)",
+    "CREATE TABLE IF NOT EXISTS connections (
+        connection_id TEXT PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        thread_id TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        opened_at BIGINT NOT NULL,
+        closed_at BIGINT,
+        close_code BIGINT,
+        close_reason TEXT)",
+    "CREATE INDEX IF NOT EXISTS connections_open ON connections (node_id) WHERE closed_at IS NULL",
+];
+
+/// How many sessions one group commit takes at most.
+const MAX_BATCH: usize = 512;
+/// The writer queue's bound; submitters wait (backpressure) when it is full.
+const WRITER_QUEUE: usize = 8192;
+
+enum Op {
+    Session {
+        ctx: UserExecutionContext,
+        writes: Vec<Write>,
+        reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
+    },
+    AuditOpen {
+        ctx: UserExecutionContext,
+        at: i64,
+    },
+    AuditClose {
+        connection_id: Arc<str>,
+        code: u16,
+        reason: String,
+        at: i64,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// SQLite or PostgreSQL through sqlx's `Any` driver.
+pub struct SqlStore {
+    pool: AnyPool,
+    tx: mpsc::Sender<Op>,
+    node_id: Arc<str>,
+}
+
+impl std::fmt::Debug for SqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may hold a password.
+        f.debug_struct("SqlStore").field("node_id", &self.node_id).finish()
+    }
+}
+
+/// Options of a store.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// `sqlite://...` or `postgres://...`.
+    pub url: String,
+    pub node_id: String,
+    /// SQLite `synchronous`: `FULL` (default; an acknowledged write survives power loss) or
+    /// `NORMAL` (survives a process crash; faster).
+    pub sqlite_synchronous: String,
+    pub read_pool_size: u32,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("url", &"<redacted>")
+            .field("node_id", &self.node_id)
+            .finish()
+    }
+}
+
+impl StoreOptions {
+    /// The embedded default: `tether.db` in `data_dir`.
+    pub fn sqlite_in(data_dir: &Path) -> Self {
+        Self {
+            url: format!("sqlite://{}?mode=rwc", data_dir.join("tether.db").display()),
+            node_id: "local".into(),
+            sqlite_synchronous: "FULL".into(),
+            read_pool_size: 4,
+        }
+    }
+}
+
+impl SqlStore {
+    /// Connect, create the schema, and start the writer, which hands committed frames to
+    /// `broker`.
+    pub async fn open(opts: StoreOptions, broker: Arc<dyn Broker>) -> Result<Arc<Self>, StoreError> {
+        sqlx::any::install_default_drivers();
+        let dialect = if opts.url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else if opts.url.starts_with("postgres:") || opts.url.starts_with("postgresql:") {
+            Dialect::Postgres
+        } else {
+            return Err(StoreError::Config(
+                "database URL must start with sqlite:// or postgres://".into(),
+            ));
+        };
+        let sync = match opts.sqlite_synchronous.to_ascii_uppercase().as_str() {
+            s @ ("FULL" | "NORMAL" | "EXTRA") => s.to_string(),
+            _ => return Err(StoreError::Config("sqlite synchronous must be FULL, NORMAL or EXTRA".into())),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(opts.read_pool_size.max(1) + 1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                let sync = sync.clone();
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        conn.execute("PRAGMA journal_mode=WAL").await?;
+                        conn.execute(format!("PRAGMA synchronous={sync}").as_str()).await?;
+                        conn.execute("PRAGMA busy_timeout=10000").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&opts.url)
+            .await?;
+        for ddl in SCHEMA {
+            pool.execute(*ddl).await?;
+        }
+        let writer_conn = pool.acquire().await?.detach();
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let node_id: Arc<str> = opts.node_id.as_str().into();
+        tokio::spawn(writer_loop(writer_conn, opts.url.clone(), rx, broker, node_id.clone()));
+        Ok(Arc::new(Self { pool, tx, node_id }))
+    }
+
+    async fn send(&self, op: Op) -> Result<(), StoreError> {
+        self.tx.send(op).await.map_err(|_| StoreError::Closed)
+    }
+}
+
+fn read_timer() -> impl Drop {
+    struct T(Instant);
+    impl Drop for T {
+        fn drop(&mut self) {
+            metrics().store_latency(StoreOp::Read).observe(self.0.elapsed().as_secs_f64());
+        }
+    }
+    T(Instant::now())
+}
+
+fn u64_of(row: &AnyRow, idx: usize) -> Result<u64, StoreError> {
+    Ok(row.try_get::<i64, _>(idx)?.max(0) as u64)
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn submit(
+        &self,
+        ctx: UserExecutionContext,
+        writes: Vec<Write>,
+    ) -> Result<oneshot::Receiver<Result<Vec<u64>, StoreError>>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Session { ctx, writes, reply }).await?;
+        Ok(rx)
+    }
+
+    async fn find_thread(&self, user_id: &str, thread_id: &str) -> Result<Option<(OwnedThread, u64)>, StoreError> {
+        let _t = read_timer();
+        let row = sqlx::query("SELECT user_id, last_seq FROM threads WHERE thread_id = $1")
+            .bind(thread_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let owner: String = row.try_get(0)?;
+        if owner != user_id {
+            return Ok(None);
+        }
+        Ok(Some((OwnedThread::new(user_id, thread_id), u64_of(&row, 1)?)))
+    }
+
+    async fn list_threads(&self, user_id: &str, limit: u32) -> Result<Vec<ThreadSummary>, StoreError> {
+        let _t = read_timer();
+        let rows = sqlx::query(
+            "SELECT thread_id, created_at, updated_at, last_seq FROM threads
+             WHERE user_id = $1 ORDER BY updated_at DESC, created_at DESC, thread_id DESC LIMIT $2",
+        )
+        .bind(user_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ThreadSummary {
+                    thread_id: r.try_get(0)?,
+                    created_at: protocol::rfc3339_ms(u64_of(r, 1)?),
+                    updated_at: protocol::rfc3339_ms(u64_of(r, 2)?),
+                    last_seq: u64_of(r, 3)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn events_since(&self, thread_id: &str, since: u64, limit: u32) -> Result<EventPage, StoreError> {
+        let _t = read_timer();
+        let since = i64::try_from(since).unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "SELECT seq, frame FROM thread_events WHERE thread_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(thread_id)
+        .bind(since)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let last = sqlx::query("SELECT last_seq FROM threads WHERE thread_id = $1")
+            .bind(thread_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let last_seq = match last {
+            Some(r) => u64_of(&r, 0)?,
+            None => 0,
+        };
+        let events = rows
+            .iter()
+            .map(|r| Ok((u64_of(r, 0)?, r.try_get::<String, _>(1)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(EventPage { events, last_seq })
+    }
+
+    async fn audit_open(&self, ctx: &UserExecutionContext) -> Result<(), StoreError> {
+        self.send(Op::AuditOpen {
+            ctx: ctx.clone(),
+            at: unix_ms() as i64,
+        })
+        .await
+    }
+
+    fn audit_close(&self, connection_id: Arc<str>, code: u16, reason: String) {
+        let op = Op::AuditClose {
+            connection_id,
+            code,
+            reason,
+            at: unix_ms() as i64,
+        };
+        match self.tx.try_send(op) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(op)) => {
+                // The queue is full: wait for room on a task. Bounded by the number of
+                // connections, each of which sends exactly one close.
+                let tx = self.tx.clone();
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    handle.spawn(async move {
+                        let _ = tx.send(op).await;
+                    });
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                // The writer is gone (shutdown finished): the row is closed at next start.
+            }
+        }
+    }
+
+    async fn recover_open_audit_rows(&self) -> Result<u64, StoreError> {
+        let res = sqlx::query(
+            "UPDATE connections SET closed_at = $1, close_code = 1006,
+             close_reason = 'closed at restart: left open by an earlier process'
+             WHERE node_id = $2 AND closed_at IS NULL",
+        )
+        .bind(unix_ms() as i64)
+        .bind(&*self.node_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(res.rows_affected())
+    }
+
+    async fn open_audit_rows(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM connections WHERE node_id = $1 AND closed_at IS NULL")
+            .bind(&*self.node_id)
+            .fetch_one(&self.pool)
+            .await?;
+        u64_of(&row, 0)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").fetch_one(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Op::Shutdown { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// What a committed session hands on: frames for the broker, `seq`s for the waiter.
+#[derive(Default)]
+struct Applied {
+    seqs: Vec<u64>,
+    deliveries: Vec<Delivery>,
+}
+
+async fn writer_loop(
+    mut conn: AnyConnection,
+    url: String,
+    mut rx: mpsc::Receiver<Op>,
+    broker: Arc<dyn Broker>,
+    node_id: Arc<str>,
+) {
+    let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
+    let mut shutdown: Option<oneshot::Sender<()>> = None;
+    while shutdown.is_none() {
+        let Some(first) = rx.recv().await else { break };
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        if let Some(pos) = batch.iter().position(|op| matches!(op, Op::Shutdown { .. })) {
+            // Everything queued before the shutdown is committed; later ops are refused.
+            for op in batch.drain(pos..) {
+                if let Op::Shutdown { reply } = op {
+                    shutdown.get_or_insert(reply);
+                }
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        // Reconnect if the connection broke (PostgreSQL restart).
+        if conn.ping().await.is_err() {
+            match sqlx::AnyConnection::connect(&url).await {
+                Ok(c) => conn = c,
+                Err(e) => tracing::error!(error = %StoreError::from(e), "store writer cannot reconnect"),
+            }
+        }
+        let started = Instant::now();
+        let sessions = batch.iter().filter(|op| matches!(op, Op::Session { .. })).count();
+        let results = match write_batch(&mut conn, &batch, &node_id).await {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::warn!(error = %e, ops = batch.len(), "group commit failed; retrying each session alone");
+                let mut results = Vec::with_capacity(batch.len());
+                for op in &batch {
+                    match write_batch(&mut conn, std::slice::from_ref(op), &node_id).await {
+                        Ok(mut r) => results.push(r.pop().unwrap_or(Ok(Applied::default()))),
+                        Err(e) => results.push(Err(e)),
+                    }
+                }
+                results
+            }
+        };
+        metrics().store_latency(StoreOp::Commit).observe(started.elapsed().as_secs_f64());
+        if sessions > 0 {
+            metrics().store_batch_size.observe(sessions as f64);
+        }
+        for (op, result) in batch.drain(..).zip(results) {
+            if let Op::Session { reply, .. } = op {
+                match result {
+                    Ok(applied) => {
+                        metrics().sessions_committed.inc();
+                        for d in applied.deliveries {
+                            broker.publish(d);
+                        }
+                        let _ = reply.send(Ok(applied.seqs));
+                    }
+                    Err(e) => {
+                        metrics().sessions_rolled_back.inc();
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+        }
+    }
+    rx.close();
+    // Refuse what arrived after the shutdown; audit closes among them are recovered at start.
+    while let Ok(op) = rx.try_recv() {
+        if let Op::Session { reply, .. } = op {
+            metrics().sessions_rolled_back.inc();
+            let _ = reply.send(Err(StoreError::Closed));
+        }
+    }
+    if let Some(reply) = shutdown {
+        let _ = reply.send(());
+    }
+}
+
+/// Write `ops` in one transaction. On success returns one result per op (sessions whose thread
+/// was missing fail alone with `ThreadNotFound` but do not abort the others).
+async fn write_batch(
+    conn: &mut AnyConnection,
+    ops: &[Op],
+    node_id: &str,
+) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+    let mut tx = conn.begin().await?;
+    let mut results = Vec::with_capacity(ops.len());
+    for op in ops {
+        match op {
+            Op::Session { ctx, writes, .. } => results.push(apply_session(&mut tx, ctx, writes).await?),
+            Op::AuditOpen { ctx, at } => {
+                sqlx::query(
+                    "INSERT INTO connections (connection_id, node_id, user_id, thread_id, request_id, opened_at)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(ctx.connection_id())
+                .bind(node_id)
+                .bind(ctx.user_id())
+                .bind(ctx.thread_id())
+                .bind(ctx.request_id())
+                .bind(*at)
+                .execute(&mut *tx)
+                .await?;
+                results.push(Ok(Applied::default()));
+            }
+            Op::AuditClose {
+                connection_id,
+                code,
+                reason,
+                at,
+            } => {
+                sqlx::query(
+                    "UPDATE connections SET closed_at = $1, close_code = $2, close_reason = $3
+                     WHERE connection_id = $4 AND closed_at IS NULL",
+                )
+                .bind(*at)
+                .bind(i64::from(*code))
+                .bind(reason.as_str())
+                .bind(&**connection_id)
+                .execute(&mut *tx)
+                .await?;
+                results.push(Ok(Applied::default()));
+            }
+            Op::Shutdown { .. } => results.push(Ok(Applied::default())),
+        }
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// Apply one session. `Ok(Err(..))`: the session is refused but the transaction is intact (it
+/// wrote nothing); `Err(..)`: the transaction must be abandoned.
+async fn apply_session(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    ctx: &UserExecutionContext,
+    writes: &[Write],
+) -> Result<Result<Applied, StoreError>, StoreError> {
+    let now = unix_ms() as i64;
+    let mut applied = Applied::default();
+    if writes.iter().any(|w| matches!(w, Write::CreateThread)) {
+        sqlx::query(
+            "INSERT INTO threads (thread_id, user_id, created_at, updated_at, last_seq) VALUES ($1, $2, $3, $4, 0)",
+        )
+        .bind(ctx.thread_id())
+        .bind(ctx.user_id())
+        .bind(now)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    let n_events = writes.iter().filter(|w| matches!(w, Write::Event(_))).count() as i64;
+    let mut next_seq = 0u64;
+    if n_events > 0 {
+        let row = sqlx::query(
+            "UPDATE threads SET last_seq = last_seq + $1, updated_at = $2
+             WHERE thread_id = $3 AND user_id = $4 RETURNING last_seq",
+        )
+        .bind(n_events)
+        .bind(now)
+        .bind(ctx.thread_id())
+        .bind(ctx.user_id())
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Err(StoreError::ThreadNotFound));
+        };
+        next_seq = u64_of(&row, 0)? + 1 - n_events as u64;
+    }
+    for w in writes {
+        match w {
+            Write::CreateThread => {}
+            Write::Event(ev) => {
+                let seq = next_seq;
+                next_seq += 1;
+                let text = event_frame(ctx, ev, seq, now as u64);
+                sqlx::query(
+                    "INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(ctx.thread_id())
+                .bind(seq as i64)
+                .bind(ev.kind)
+                .bind(ev.run_id.as_deref())
+                .bind(now)
+                .bind(text.as_str())
+                .execute(&mut **tx)
+                .await?;
+                applied.seqs.push(seq);
+                let ack = ev.ack.as_ref().map(|a| {
+                    let ack = protocol::frame(
+                        "ack",
+                        FrameMeta {
+                            thread_id: Some(ctx.thread_id()),
+                            seq: Some(seq),
+                            reply_to: ev.reply_to.as_deref(),
+                            ts_ms: Some(now as u64),
+                            ..Default::default()
+                        },
+                        &serde_json::json!({"message_id": a.message_id, "seq": seq, "run_id": a.run_id}),
+                    );
+                    (ctx.connection_id_arc().clone(), OutFrame::new(seq, ack))
+                });
+                applied.deliveries.push(Delivery::thread(ctx, OutFrame::new(seq, text), ack));
+            }
+            Write::Message {
+                message_id,
+                role,
+                content,
+                run_id,
+            } => {
+                sqlx::query(
+                    "INSERT INTO messages (message_id, thread_id, user_id, run_id, request_id, role, content, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                )
+                .bind(message_id.as_str())
+                .bind(ctx.thread_id())
+                .bind(ctx.user_id())
+                .bind(run_id.as_deref())
+                .bind(ctx.request_id())
+                .bind(role.as_str())
+                .bind(content.as_str())
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+            }
+            Write::RunStarted { run } => {
+                sqlx::query(
+                    "INSERT INTO runs (run_id, thread_id, user_id, request_id, connection_id, parent_run_id, status, started_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, 'running', $7)",
+                )
+                .bind(run.run_id())
+                .bind(run.thread_id())
+                .bind(run.user_id())
+                .bind(run.request_id())
+                .bind(run.connection_id())
+                .bind(run.parent_run_id())
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+            }
+            Write::RunFinished {
+                status,
+                duration_ms,
+                error_code,
+            } => {
+                sqlx::query(
+                    "UPDATE runs SET status = $1, finished_at = $2, duration_ms = $3, error_code = $4 WHERE run_id = $5",
+                )
+                .bind(*status)
+                .bind(now)
+                .bind(*duration_ms as i64)
+                .bind(error_code.as_deref())
+                .bind(ctx.run_id())
+                .execute(&mut **tx)
+                .await?;
+            }
+            Write::Transient { text } => {
+                let mut frame = OutFrame::new(0, text.as_str());
+                frame.droppable = true;
+                applied.deliveries.push(Delivery::thread(ctx, frame, None));
+            }
+        }
+    }
+    Ok(Ok(applied))
+}
+
+fn event_frame(ctx: &UserExecutionContext, ev: &NewEvent, seq: u64, now: u64) -> String {
+    protocol::frame(
+        ev.kind,
+        FrameMeta {
+            thread_id: Some(ctx.thread_id()),
+            run_id: ev.run_id.as_deref(),
+            seq: Some(seq),
+            reply_to: ev.reply_to.as_deref(),
+            ts_ms: Some(now),
+        },
+        &ev.data,
+    )
+}
