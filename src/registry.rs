@@ -167,6 +167,16 @@ struct ConnEntry {
     handle: ConnHandle,
     /// Dead once the guard is gone; an entry whose guard is gone is a leak the reaper removes.
     alive: Weak<()>,
+    /// Seen orphaned by the previous sweep (the reaper removes an entry on its second sighting,
+    /// so a connection that is in the middle of its own cleanup is never counted).
+    suspect: bool,
+}
+
+impl ConnEntry {
+    /// The guard is gone, or the connection task is (its queue's receiver was dropped).
+    fn orphaned(&self) -> bool {
+        self.alive.strong_count() == 0 || self.handle.tx.is_closed()
+    }
 }
 
 struct Manager {
@@ -281,6 +291,7 @@ impl Registry {
             connection_id: ctx.connection_id_arc().clone(),
             handle,
             alive: Arc::downgrade(&alive),
+            suspect: false,
         };
         match slot.managers.iter_mut().find(|m| &m.key == key) {
             Some(m) => m.conns.push(entry),
@@ -454,15 +465,20 @@ impl Registry {
         }
     }
 
-    /// The backstop: remove entries whose guard is gone without having released them. Counts
-    /// each as an emergency cleanup. Expected to return 0.
+    /// The backstop: remove entries whose owner is gone (guard leaked, or connection task gone)
+    /// on two consecutive sweeps. Counts each as an emergency cleanup. Expected to return 0.
     pub fn reap(&self) -> usize {
         let mut reaped = 0;
         let mut mgrs_removed = 0;
         self.inner.users.retain(|_, slot| {
             for m in slot.managers.iter_mut() {
                 let before = m.conns.len();
-                m.conns.retain(|c| c.alive.strong_count() > 0);
+                m.conns.retain_mut(|c| {
+                    let orphaned = c.orphaned();
+                    let reap = orphaned && c.suspect;
+                    c.suspect = orphaned;
+                    !reap
+                });
                 reaped += before - m.conns.len();
                 slot.connections -= before - m.conns.len();
             }
@@ -668,9 +684,14 @@ mod tests {
     #[test]
     fn the_reaper_finds_nothing_normally_and_a_forgotten_guard_otherwise() {
         let reg = Registry::new(Limits::default());
-        let g = reg.register(&ctx("alice"), handle().0).unwrap();
+        let (h, rx) = handle();
+        let g = reg.register(&ctx("alice"), h).unwrap();
         assert_eq!(reg.reap(), 0);
+        assert_eq!(reg.reap(), 0);
+        // The connection task vanishes without running the guard's Drop.
         std::mem::forget(g);
+        drop(rx);
+        assert_eq!(reg.reap(), 0, "first sighting only marks");
         assert_eq!(reg.reap(), 1);
         assert_eq!(reg.get_user_manager_count("alice"), 0);
         assert_eq!(reg.connection_count(), 0);
