@@ -347,7 +347,10 @@ mod tests {
 
     #[test]
     fn word_count_counts_words_and_characters() {
-        assert_eq!(word_count("hello  wide world"), json!({"words": 3, "characters": 17}));
+        assert_eq!(
+            word_count("hello  wide world"),
+            json!({"words": 3, "characters": 17})
+        );
         assert_eq!(word_count(""), json!({"words": 0, "characters": 0}));
         assert_eq!(word_count("héllo"), json!({"words": 1, "characters": 5}));
     }

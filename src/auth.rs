@@ -92,9 +92,9 @@ impl Auth {
     pub fn from_config(cfg: &Config) -> Result<Self, AuthError> {
         match cfg.jwt_alg {
             JwtAlg::Hs256 => {
-                let secret = cfg
-                    .resolve_jwt_secret()
-                    .map_err(|e| AuthError::Key(format!("cannot read or create the JWT secret: {e}")))?;
+                let secret = cfg.resolve_jwt_secret().map_err(|e| {
+                    AuthError::Key(format!("cannot read or create the JWT secret: {e}"))
+                })?;
                 Ok(Self::hs256(&secret))
             }
             alg @ (JwtAlg::Rs256 | JwtAlg::Es256) => {
@@ -120,12 +120,11 @@ impl Auth {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
-            match e.kind() {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid,
-            }
-        })?;
+            })?;
         validate_user_id(&data.claims.sub).map_err(|e| AuthError::BadSubject(e.to_string()))?;
         Ok(data.claims.sub)
     }
@@ -157,8 +156,10 @@ impl Auth {
         }
         let bytes: [u8; 32] = rand::random();
         let ticket = format!("tkt_{}", hex::encode(bytes));
-        self.tickets
-            .insert(ticket.clone(), (user_id.to_string(), Instant::now() + TICKET_TTL));
+        self.tickets.insert(
+            ticket.clone(),
+            (user_id.to_string(), Instant::now() + TICKET_TTL),
+        );
         Ok(ticket)
     }
 
@@ -244,7 +245,10 @@ mod tests {
                 iat: None,
             };
             let t = jsonwebtoken::encode(&Header::default(), &c, &key).unwrap();
-            assert!(matches!(a.verify(&t), Err(AuthError::BadSubject(_))), "{sub:?}");
+            assert!(
+                matches!(a.verify(&t), Err(AuthError::BadSubject(_))),
+                "{sub:?}"
+            );
         }
     }
 

@@ -27,7 +27,11 @@ pub struct Delivery {
 
 impl Delivery {
     /// A frame for every connection of the context's (user, thread).
-    pub fn thread(ctx: &UserExecutionContext, frame: OutFrame, ack: Option<(Arc<str>, OutFrame)>) -> Self {
+    pub fn thread(
+        ctx: &UserExecutionContext,
+        frame: OutFrame,
+        ack: Option<(Arc<str>, OutFrame)>,
+    ) -> Self {
         Self {
             key: ctx.isolation_key().clone(),
             frame,
@@ -47,7 +51,12 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Deliver a frame to all connections of a user (or of one of their threads) on every node.
     /// Returns how many connections took it (on this node, for a cross-node broker).
-    async fn publish_to_user(&self, user_id: &str, thread_id: Option<&str>, frame: OutFrame) -> usize;
+    async fn publish_to_user(
+        &self,
+        user_id: &str,
+        thread_id: Option<&str>,
+        frame: OutFrame,
+    ) -> usize;
 
     /// Close all connections of a user on every node.
     async fn disconnect_user(&self, user_id: &str, code: u16, reason: &str) -> usize;
@@ -78,7 +87,12 @@ impl Broker for LocalBroker {
         }
     }
 
-    async fn publish_to_user(&self, user_id: &str, thread_id: Option<&str>, frame: OutFrame) -> usize {
+    async fn publish_to_user(
+        &self,
+        user_id: &str,
+        thread_id: Option<&str>,
+        frame: OutFrame,
+    ) -> usize {
         self.registry.deliver_to_user(user_id, thread_id, &frame)
     }
 

@@ -73,11 +73,13 @@ impl Client {
     pub async fn connect(base: &str, opts: &ConnectOptions) -> Result<Self, ClientError> {
         let mut req = ws_url(base, opts).into_client_request()?;
         if let Some(t) = &opts.token {
-            let v = HeaderValue::from_str(&format!("Bearer {t}")).map_err(|e| ClientError::BadFrame(e.to_string()))?;
+            let v = HeaderValue::from_str(&format!("Bearer {t}"))
+                .map_err(|e| ClientError::BadFrame(e.to_string()))?;
             req.headers_mut().insert("authorization", v);
         }
         if !opts.protocols.is_empty() {
-            let v = HeaderValue::from_str(&opts.protocols.join(", ")).map_err(|e| ClientError::BadFrame(e.to_string()))?;
+            let v = HeaderValue::from_str(&opts.protocols.join(", "))
+                .map_err(|e| ClientError::BadFrame(e.to_string()))?;
             req.headers_mut().insert("sec-websocket-protocol", v);
         }
         let (ws, _resp) = tokio_tungstenite::connect_async(req).await?;
@@ -107,10 +109,13 @@ impl Client {
                 None => return Err(ClientError::Closed(self.close.clone())),
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Text(t))) => {
-                    return serde_json::from_str(t.as_str()).map_err(|e| ClientError::BadFrame(e.to_string()))
+                    return serde_json::from_str(t.as_str())
+                        .map_err(|e| ClientError::BadFrame(e.to_string()))
                 }
                 Some(Ok(Message::Close(f))) => {
-                    self.close = Some(f.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string())));
+                    self.close = Some(f.map_or((1005, String::new()), |f| {
+                        (u16::from(f.code), f.reason.to_string())
+                    }));
                     return Err(ClientError::Closed(self.close.clone()));
                 }
                 Some(Ok(_)) => continue,
@@ -119,18 +124,19 @@ impl Client {
     }
 
     /// Frames until one of type `kind` (inclusive), within `timeout`.
-    pub async fn until(&mut self, kind: &str, timeout: Duration) -> Result<Vec<Value>, ClientError> {
+    pub async fn until(
+        &mut self,
+        kind: &str,
+        timeout: Duration,
+    ) -> Result<Vec<Value>, ClientError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let v = self
-                .next_json(left)
-                .await
-                .map_err(|e| match e {
-                    ClientError::Timeout(_) => ClientError::Timeout(kind.to_string()),
-                    e => e,
-                })?;
+            let v = self.next_json(left).await.map_err(|e| match e {
+                ClientError::Timeout(_) => ClientError::Timeout(kind.to_string()),
+                e => e,
+            })?;
             let done = v["type"] == kind;
             seen.push(v);
             if done {
@@ -159,7 +165,10 @@ impl Client {
             }))
             .await?;
         // Drain until the server's close echo.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
         Ok(())
     }
 

@@ -36,7 +36,9 @@ impl fmt::Display for Secret {
     }
 }
 
-fn secret(env: &'static str) -> impl Fn(&str) -> Result<Secret, String> + Clone + Send + Sync + 'static {
+fn secret(
+    env: &'static str,
+) -> impl Fn(&str) -> Result<Secret, String> + Clone + Send + Sync + 'static {
     move |s: &str| {
         if s.trim().is_empty() {
             Err(format!("{env} must not be empty"))
@@ -46,14 +48,18 @@ fn secret(env: &'static str) -> impl Fn(&str) -> Result<Secret, String> + Clone 
     }
 }
 
-fn positive(env: &'static str) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+fn positive(
+    env: &'static str,
+) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
     move |s: &str| match s.trim().parse::<u64>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!("{env} must be a positive integer, got '{s}'")),
     }
 }
 
-fn non_negative(env: &'static str) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+fn non_negative(
+    env: &'static str,
+) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
     move |s: &str| {
         s.trim()
             .parse::<u64>()
@@ -61,7 +67,9 @@ fn non_negative(env: &'static str) -> impl Fn(&str) -> Result<u64, String> + Clo
     }
 }
 
-fn socket_addr(env: &'static str) -> impl Fn(&str) -> Result<SocketAddr, String> + Clone + Send + Sync + 'static {
+fn socket_addr(
+    env: &'static str,
+) -> impl Fn(&str) -> Result<SocketAddr, String> + Clone + Send + Sync + 'static {
     move |s: &str| {
         s.trim()
             .parse::<SocketAddr>()
@@ -95,7 +103,12 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// Directory for the SQLite store and the generated secrets.
-    #[arg(long, env = "TETHER_DATA_DIR", default_value = "./tether-data", global = true)]
+    #[arg(
+        long,
+        env = "TETHER_DATA_DIR",
+        default_value = "./tether-data",
+        global = true
+    )]
     pub data_dir: PathBuf,
 
     /// Database URL: sqlite://PATH or postgres://... (default: SQLite file in the data directory).
@@ -103,7 +116,12 @@ pub struct Config {
     pub database_url: Option<Secret>,
 
     /// SQLite `synchronous` mode: FULL (acknowledged writes survive power loss) or NORMAL.
-    #[arg(long, env = "TETHER_SQLITE_SYNCHRONOUS", default_value = "FULL", global = true)]
+    #[arg(
+        long,
+        env = "TETHER_SQLITE_SYNCHRONOUS",
+        default_value = "FULL",
+        global = true
+    )]
     pub sqlite_synchronous: String,
 
     /// HS256 secret for JWTs. If unset, a random secret is generated once and kept in the data
@@ -112,7 +130,13 @@ pub struct Config {
     pub jwt_secret: Option<Secret>,
 
     /// JWT algorithm. RS256/ES256 verify with --jwt-public-key (tokens are then minted elsewhere).
-    #[arg(long, env = "TETHER_JWT_ALG", value_enum, default_value = "HS256", global = true)]
+    #[arg(
+        long,
+        env = "TETHER_JWT_ALG",
+        value_enum,
+        default_value = "HS256",
+        global = true
+    )]
     pub jwt_alg: JwtAlg,
 
     /// PEM file with the public key for RS256/ES256.
@@ -186,7 +210,13 @@ pub struct Config {
     pub node_id: String,
 
     /// Log format.
-    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value = "human", global = true)]
+    #[arg(
+        long,
+        env = "TETHER_LOG_FORMAT",
+        value_enum,
+        default_value = "human",
+        global = true
+    )]
     pub log_format: LogFormat,
 }
 
@@ -284,7 +314,9 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
         .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration '{s}' (use e.g. 1h, 30m, 3600)"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration '{s}' (use e.g. 1h, 30m, 3600)"))?;
     let mult = match unit {
         "s" => 1,
         "m" => 60,
@@ -309,7 +341,9 @@ mod tests {
         let mut c = Config::for_tests(Path::new("/tmp/x"));
         c.database_url = Some(Secret::new("postgres://u:pw@h/db"));
         let dbg = format!("{c:?}");
-        assert!(!dbg.contains("pw@") && !dbg.contains("test-secret") && !dbg.contains("admin-test"));
+        assert!(
+            !dbg.contains("pw@") && !dbg.contains("test-secret") && !dbg.contains("admin-test")
+        );
     }
 
     #[test]
@@ -327,7 +361,9 @@ mod tests {
         let err = positive("TETHER_MESSAGE_RATE")("abc").unwrap_err();
         assert!(err.contains("TETHER_MESSAGE_RATE"));
         assert!(positive("X")("0").is_err());
-        assert!(socket_addr("TETHER_LISTEN")("nope").unwrap_err().contains("TETHER_LISTEN"));
+        assert!(socket_addr("TETHER_LISTEN")("nope")
+            .unwrap_err()
+            .contains("TETHER_LISTEN"));
     }
 
     #[test]

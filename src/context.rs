@@ -83,7 +83,10 @@ fn check_not_placeholder(field: &'static str, value: &str) -> Result<(), Context
     if value.trim().is_empty() {
         return Err(ContextError::Empty { field });
     }
-    if PLACEHOLDERS.iter().any(|p| p.eq_ignore_ascii_case(value.trim())) {
+    if PLACEHOLDERS
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case(value.trim()))
+    {
         return Err(ContextError::Placeholder { field });
     }
     Ok(())
@@ -369,7 +372,16 @@ mod tests {
     #[test]
     fn placeholders_and_bad_user_ids_are_rejected() {
         let conn = ids::connection_id();
-        for bad in ["", "  ", "default", "TEST", "null", "undefined", "0", "placeholder"] {
+        for bad in [
+            "",
+            "  ",
+            "default",
+            "TEST",
+            "null",
+            "undefined",
+            "0",
+            "placeholder",
+        ] {
             assert!(
                 UserExecutionContext::from_websocket_request(bad, &conn, ThreadChoice::New)
                     .is_err(),
@@ -377,18 +389,25 @@ mod tests {
             );
         }
         let long = "u".repeat(257);
-        assert_eq!(
-            validate_user_id(&long),
-            Err(ContextError::UserIdTooLong)
-        );
+        assert_eq!(validate_user_id(&long), Err(ContextError::UserIdTooLong));
         assert!(validate_user_id(&"u".repeat(256)).is_ok());
-        assert_eq!(validate_user_id("a\nb"), Err(ContextError::UserIdNotPrintable));
+        assert_eq!(
+            validate_user_id("a\nb"),
+            Err(ContextError::UserIdNotPrintable)
+        );
         assert!(validate_user_id("Jürgen 👩‍💻").is_ok());
-        for bad_conn in ["", "temp", "conn_x", "thread_websocket_session_1_2_0123abcd"] {
-            assert!(
-                UserExecutionContext::from_websocket_request("alice", bad_conn, ThreadChoice::New)
-                    .is_err()
-            );
+        for bad_conn in [
+            "",
+            "temp",
+            "conn_x",
+            "thread_websocket_session_1_2_0123abcd",
+        ] {
+            assert!(UserExecutionContext::from_websocket_request(
+                "alice",
+                bad_conn,
+                ThreadChoice::New
+            )
+            .is_err());
         }
     }
 

@@ -160,15 +160,21 @@ impl AppState {
     }
 
     fn check_user(&self, headers: &HeaderMap) -> Result<String, ApiError> {
-        let token = bearer(headers).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
+        let token =
+            bearer(headers).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
         self.auth.verify(token).map_err(ApiError::from)
     }
 
     /// The figures of `/api/stats`.
-    pub fn stats_json(&self) -> Value {
+    pub async fn stats_json(&self) -> Value {
+        let audit_rows_open = self.store.open_audit_rows().await.ok();
         let s = self.registry.stats(10);
         let m = metrics();
-        let q = |p: f64| m.run_duration.quantile(p).map(|s| (s * 1000.0 * 10.0).round() / 10.0);
+        let q = |p: f64| {
+            m.run_duration
+                .quantile(p)
+                .map(|s| (s * 1000.0 * 10.0).round() / 10.0)
+        };
         json!({
             "connections": s.connections,
             "managers": s.managers,
@@ -194,6 +200,7 @@ impl AppState {
                 "committed": m.sessions_committed.get(),
                 "rolled_back": m.sessions_rolled_back.get(),
             },
+            "audit_rows_open": audit_rows_open,
             "uptime_s": self.started.elapsed().as_secs(),
             "node_id": self.config.node_id,
             "version": env!("CARGO_PKG_VERSION"),
@@ -244,7 +251,11 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
     fn internal() -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
     }
     fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", "not found")
@@ -254,7 +265,9 @@ impl ApiError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
-            AuthError::TooManyTickets => Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string()),
+            AuthError::TooManyTickets => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string())
+            }
             _ => Self::unauthorized(e.to_string()),
         }
     }
@@ -298,7 +311,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     if st.is_draining() {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "draining"}))).into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response();
     }
     let store_ok = tokio::time::timeout(Duration::from_secs(2), st.store.ping())
         .await
@@ -317,7 +334,10 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics_handler(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn metrics_handler(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     if st.config.metrics_require_admin {
         st.check_admin(&headers)?;
     }
@@ -331,16 +351,24 @@ async fn metrics_handler(State(st): State<Arc<AppState>>, headers: HeaderMap) ->
         draining: st.is_draining(),
     };
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         metrics().render(&live),
     )
         .into_response())
 }
 
-async fn create_ticket(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+async fn create_ticket(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
     let user = st.check_user(&headers)?;
     let ticket = st.auth.issue_ticket(&user)?;
-    Ok(Json(json!({"ticket": ticket, "expires_in": TICKET_TTL.as_secs()})))
+    Ok(Json(
+        json!({"ticket": ticket, "expires_in": TICKET_TTL.as_secs()}),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -400,7 +428,8 @@ async fn thread_events(
     }
     let page = st.store.events_since(&thread_id, since, limit).await?;
     // The stored frames are JSON already: splice them in without re-parsing.
-    let mut body = String::with_capacity(64 + page.events.iter().map(|(_, e)| e.len() + 1).sum::<usize>());
+    let mut body =
+        String::with_capacity(64 + page.events.iter().map(|(_, e)| e.len() + 1).sum::<usize>());
     body.push_str("{\"thread_id\":");
     body.push_str(&serde_json::to_string(&thread_id).unwrap_or_default());
     body.push_str(",\"events\":[");
@@ -465,13 +494,19 @@ async fn disconnect_user(
 ) -> Result<Json<Value>, ApiError> {
     st.check_admin(&headers)?;
     let reason = CloseReason::DisconnectedByServer;
-    let closed = st.broker.disconnect_user(&user_id, reason.code(), &reason.reason()).await;
+    let closed = st
+        .broker
+        .disconnect_user(&user_id, reason.code(), &reason.reason())
+        .await;
     Ok(Json(json!({ "closed": closed })))
 }
 
-async fn stats(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+async fn stats(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
     st.check_admin(&headers)?;
-    Ok(Json(st.stats_json()))
+    Ok(Json(st.stats_json().await))
 }
 
 #[derive(Deserialize)]
@@ -505,7 +540,12 @@ fn reject(r: Rejection, e: ApiError) -> Response {
 }
 
 /// Authenticate an upgrade request: the first credential source present decides.
-fn authenticate(st: &AppState, headers: &HeaderMap, ws: &WebSocketUpgrade, q: &WsQuery) -> Result<String, AuthError> {
+fn authenticate(
+    st: &AppState,
+    headers: &HeaderMap,
+    ws: &WebSocketUpgrade,
+    q: &WsQuery,
+) -> Result<String, AuthError> {
     if headers.contains_key(header::AUTHORIZATION) {
         return st.auth.verify(bearer(headers).unwrap_or_default());
     }
@@ -539,13 +579,21 @@ async fn ws_handler(
     if st.is_draining() {
         return reject(
             Rejection::Draining,
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "server is draining; reconnect to another node"),
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "server is draining; reconnect to another node",
+            ),
         );
     }
     if !st.allow_connect(peer.ip()) {
         return reject(
             Rejection::RateLimited,
-            ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many connections from this address"),
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many connections from this address",
+            ),
         );
     }
     let since = match parse_since(q.since.as_deref()) {
@@ -564,12 +612,18 @@ async fn ws_handler(
             }
             match st.store.find_thread(&user_id, t).await {
                 Ok(Some((owned, last))) => (ThreadChoice::Resume(owned), last),
-                Ok(None) => return reject(Rejection::ForbiddenThread, ApiError::forbidden_thread()),
+                Ok(None) => {
+                    return reject(Rejection::ForbiddenThread, ApiError::forbidden_thread())
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "thread lookup failed");
                     return reject(
                         Rejection::Overloaded,
-                        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "store unavailable"),
+                        ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "overloaded",
+                            "store unavailable",
+                        ),
                     );
                 }
             }
@@ -589,7 +643,9 @@ async fn ws_handler(
                 match UserExecutionContext::from_websocket_request(&user_id, &conn_id, thread) {
                     Ok(ctx) => {
                         let span = ctx.connection_span();
-                        Connection::run(st, ctx, socket, since, last_seq).instrument(span).await
+                        Connection::run(st, ctx, socket, since, last_seq)
+                            .instrument(span)
+                            .await
                     }
                     Err(e) => {
                         // The user id was validated before the upgrade; this cannot happen.
@@ -616,7 +672,9 @@ impl End {
         use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
         match err.into_inner().downcast::<WsError>() {
             Ok(e) => match *e {
-                WsError::Capacity(CapacityError::MessageTooLong { .. }) => End::Close(CloseReason::TooBig { max }),
+                WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
+                    End::Close(CloseReason::TooBig { max })
+                }
                 WsError::Capacity(_) => End::Close(CloseReason::TooBig { max }),
                 WsError::Protocol(_) => End::Close(CloseReason::ProtocolError),
                 WsError::Utf8(_) => End::Close(CloseReason::InvalidUtf8),
@@ -636,7 +694,9 @@ impl End {
             End::Close(r) => (r.code(), r.reason()),
             End::ClientClosed(code, reason) => (*code, reason.clone()),
             End::Lost(r) => match r {
-                CloseReason::SlowConsumer => (r.code(), format!("{} (peer not reading)", r.reason())),
+                CloseReason::SlowConsumer => {
+                    (r.code(), format!("{} (peer not reading)", r.reason()))
+                }
                 _ => (1006, "connection lost without close frame".into()),
             },
         }
@@ -664,7 +724,8 @@ impl Drop for AuditGuard {
             .take()
             .unwrap_or((1006, "connection task ended abnormally".into()));
         metrics().connection_closed(code);
-        self.store.audit_close(self.connection_id.clone(), code, reason);
+        self.store
+            .audit_close(self.connection_id.clone(), code, reason);
     }
 }
 
@@ -722,7 +783,13 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(st: Arc<AppState>, ctx: UserExecutionContext, socket: WebSocket, since: Option<u64>, last_seq: u64) {
+    async fn run(
+        st: Arc<AppState>,
+        ctx: UserExecutionContext,
+        socket: WebSocket,
+        since: Option<u64>,
+        last_seq: u64,
+    ) {
         let (handle, mut rx, shared) = ConnHandle::channel(st.config.outbound_queue as usize);
         let (sink, mut stream) = socket.split();
         let mut conn = Connection {
@@ -786,7 +853,11 @@ impl Connection {
             code: reason.code(),
             reason: reason.reason().into(),
         };
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.sink.send(Message::Close(Some(frame)))).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.sink.send(Message::Close(Some(frame))),
+        )
+        .await;
     }
 
     /// Send one frame; gives up if the peer stalls or the server asks to close meanwhile.
@@ -815,7 +886,12 @@ impl Connection {
         .with_reply(reply_to)
     }
 
-    async fn send_error(&mut self, reply_to: Option<&str>, code: ErrorCode, message: &str) -> Result<(), End> {
+    async fn send_error(
+        &mut self,
+        reply_to: Option<&str>,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<(), End> {
         let text = protocol::error_frame(self.ctx.thread_id(), reply_to, code, message);
         self.send_text(text, OutKind::Error).await
     }
@@ -948,7 +1024,11 @@ impl Connection {
             }
             self.last_sent_seq = f.seq;
         }
-        metrics().message_out(if f.droppable { OutKind::TextDelta } else { OutKind::ThreadEvent });
+        metrics().message_out(if f.droppable {
+            OutKind::TextDelta
+        } else {
+            OutKind::ThreadEvent
+        });
         self.send(Message::Text(f.text)).await
     }
 
@@ -960,7 +1040,11 @@ impl Connection {
                 let id = protocol::parse_client_frame(text).ok().and_then(|f| f.id);
                 let limit = self.st.config.message_rate;
                 return self
-                    .send_error(id.as_deref(), ErrorCode::RateLimited, &format!("too many messages (limit {limit}/s)"))
+                    .send_error(
+                        id.as_deref(),
+                        ErrorCode::RateLimited,
+                        &format!("too many messages (limit {limit}/s)"),
+                    )
                     .await;
             }
             Err(()) => {
@@ -972,7 +1056,11 @@ impl Connection {
         let frame = match protocol::parse_client_frame(text) {
             Ok(f) => f,
             Err(e) => {
-                metrics().message_in(if e.code == ErrorCode::UnknownType { InKind::Unknown } else { InKind::Invalid });
+                metrics().message_in(if e.code == ErrorCode::UnknownType {
+                    InKind::Unknown
+                } else {
+                    InKind::Invalid
+                });
                 return self.send_error(e.id.as_deref(), e.code, &e.message).await;
             }
         };
@@ -983,7 +1071,11 @@ impl Connection {
                 metrics().message_in(InKind::Invalid);
                 tracing::warn!(frame_thread_id = %truncate(t, 300), "thread_id mismatch: frame not acted on");
                 return self
-                    .send_error(id, ErrorCode::ThreadMismatch, "thread_id does not match this connection's thread")
+                    .send_error(
+                        id,
+                        ErrorCode::ThreadMismatch,
+                        "thread_id does not match this connection's thread",
+                    )
                     .await;
             }
         }
@@ -994,20 +1086,35 @@ impl Connection {
             }
             ClientRequest::Ping => {
                 metrics().message_in(InKind::Ping);
-                let text = protocol::frame("pong", self.meta(id), &json!({"server_time": protocol::now_rfc3339()}));
+                let text = protocol::frame(
+                    "pong",
+                    self.meta(id),
+                    &json!({"server_time": protocol::now_rfc3339()}),
+                );
                 self.send_text(text, OutKind::Pong).await
             }
             ClientRequest::GetHistory { since, limit } => {
                 metrics().message_in(InKind::GetHistory);
-                match self.st.store.events_since(self.ctx.thread_id(), since, limit).await {
+                match self
+                    .st
+                    .store
+                    .events_since(self.ctx.thread_id(), since, limit)
+                    .await
+                {
                     Ok(page) => {
                         let events: Vec<String> = page.events.into_iter().map(|(_, e)| e).collect();
-                        let text = protocol::history_frame(self.ctx.thread_id(), id, &events, page.last_seq);
+                        let text = protocol::history_frame(
+                            self.ctx.thread_id(),
+                            id,
+                            &events,
+                            page.last_seq,
+                        );
                         self.send_text(text, OutKind::History).await
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "history read failed");
-                        self.send_error(id, ErrorCode::Internal, "could not read history").await
+                        self.send_error(id, ErrorCode::Internal, "could not read history")
+                            .await
                     }
                 }
             }
@@ -1023,8 +1130,12 @@ impl Connection {
                 if cancelled {
                     Ok(())
                 } else {
-                    self.send_error(id, ErrorCode::UnknownRun, "no active run with this run_id on this thread")
-                        .await
+                    self.send_error(
+                        id,
+                        ErrorCode::UnknownRun,
+                        "no active run with this run_id on this thread",
+                    )
+                    .await
                 }
             }
         }
@@ -1032,12 +1143,18 @@ impl Connection {
 
     /// Store the message (the writer sends the `ack` after the commit), then run the agent with
     /// a child context. The frame loop does not wait for either.
-    async fn on_user_message(&mut self, content: String, client_id: Option<String>) -> Result<(), End> {
+    async fn on_user_message(
+        &mut self,
+        content: String,
+        client_id: Option<String>,
+    ) -> Result<(), End> {
         let run_ctx = match self.ctx.child() {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot derive the run context");
-                return self.send_error(client_id.as_deref(), ErrorCode::Internal, "internal error").await;
+                return self
+                    .send_error(client_id.as_deref(), ErrorCode::Internal, "internal error")
+                    .await;
             }
         };
         let message_id = ids::message_id();
@@ -1066,7 +1183,11 @@ impl Connection {
             Err(e) => {
                 tracing::error!(error = %e, "cannot queue the message");
                 return self
-                    .send_error(client_id.as_deref(), ErrorCode::Internal, "message not stored")
+                    .send_error(
+                        client_id.as_deref(),
+                        ErrorCode::Internal,
+                        "message not stored",
+                    )
                     .await;
             }
         };
@@ -1096,12 +1217,24 @@ impl Connection {
                             _ => "store closed".into(),
                         };
                         tracing::error!(error = %err, "user message not stored; run not started");
-                        let text = protocol::error_frame(run_ctx.thread_id(), reply_to.as_deref(), ErrorCode::Internal, "message not stored");
-                        st.registry.deliver_to(run_ctx.isolation_key(), &conn_id, OutFrame::new(0, text));
+                        let text = protocol::error_frame(
+                            run_ctx.thread_id(),
+                            reply_to.as_deref(),
+                            ErrorCode::Internal,
+                            "message not stored",
+                        );
+                        st.registry.deliver_to(
+                            run_ctx.isolation_key(),
+                            &conn_id,
+                            OutFrame::new(0, text),
+                        );
                         return;
                     }
                 }
-                let input = RunInput { content, message_id };
+                let input = RunInput {
+                    content,
+                    message_id,
+                };
                 let _ = drive_run(
                     st.agent.clone(),
                     st.sessions.clone(),

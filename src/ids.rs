@@ -81,7 +81,9 @@ pub fn generate_user_context_ids(operation: &str) -> (String, String, String) {
 /// The root run id of a thread: `run_` + the thread's root. Every connection that resumes a
 /// thread gets this same run id.
 pub fn root_run_id(thread_id: &str) -> Option<String> {
-    thread_id.strip_prefix("thread_").map(|root| format!("run_{root}"))
+    thread_id
+        .strip_prefix("thread_")
+        .map(|root| format!("run_{root}"))
 }
 
 /// A fresh run id for `operation` (child contexts).
@@ -161,7 +163,11 @@ pub fn parse(id: &str) -> Result<ParsedId<'_>, IdError> {
     let counter = parts.next().ok_or(IdError::Malformed)?;
     let ms = parts.next().ok_or(IdError::Malformed)?;
     let operation = parts.next().unwrap_or("");
-    if hex.len() != 8 || !hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+    if hex.len() != 8
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
         return Err(IdError::Malformed);
     }
     let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
@@ -171,7 +177,7 @@ pub fn parse(id: &str) -> Result<ParsedId<'_>, IdError> {
     let op_ok = operation
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    if with_op != !operation.is_empty() || !op_ok {
+    if with_op == operation.is_empty() || !op_ok {
         return Err(IdError::Malformed);
     }
     Ok(ParsedId {

@@ -22,7 +22,7 @@
 //! | [`metrics`] | every metric, Prometheus text format |
 //! | [`config`] | flags and `TETHER_*` variables, secrets |
 //!
-//! The wire protocol is specified in `PROTOCOL.md` (shared with clients); decisions where it
+//! The wire protocol is specified in `docs/PROTOCOL.md` (the contract with clients); decisions where it
 //! is silent are in `docs/protocol-notes.md`.
 
 pub mod agent;

@@ -8,7 +8,11 @@ use tether::server::{shutdown_signal, Server};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "tether", version, about = "WebSocket gateway for multi-user real-time chat with AI agents")]
+#[command(
+    name = "tether",
+    version,
+    about = "WebSocket gateway for multi-user real-time chat with AI agents"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Option<Cmd>,
@@ -33,9 +37,15 @@ enum Cmd {
 
 fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_env("TETHER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
         LogFormat::Human => builder.init(),
     }
 }
@@ -52,8 +62,13 @@ async fn main() -> anyhow::Result<()> {
         }
         None | Some(Cmd::Serve) => {
             init_logs(cli.config.log_format);
-            let server = Server::bind(cli.config).await.context("cannot start the gateway")?;
-            server.run(shutdown_signal()).await.context("gateway failed")?;
+            let server = Server::bind(cli.config)
+                .await
+                .context("cannot start the gateway")?;
+            server
+                .run(shutdown_signal())
+                .await
+                .context("gateway failed")?;
             Ok(())
         }
     }

@@ -88,7 +88,11 @@ impl Histogram {
             let n = b.load(Relaxed);
             if seen + n >= target {
                 let upper = self.bounds[i];
-                let frac = if n == 0 { 1.0 } else { (target - seen) as f64 / n as f64 };
+                let frac = if n == 0 {
+                    1.0
+                } else {
+                    (target - seen) as f64 / n as f64
+                };
                 return Some(lower + (upper - lower) * frac);
             }
             seen += n;
@@ -102,7 +106,11 @@ impl Histogram {
         let mut cumulative = 0;
         for (i, b) in self.buckets.iter().enumerate() {
             cumulative += b.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {cumulative}", self.bounds[i]);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                self.bounds[i]
+            );
         }
         let count = self.count();
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
@@ -304,7 +312,10 @@ impl Metrics {
             sessions_committed: Counter::default(),
             sessions_rolled_back: Counter::default(),
             sessions_open: Gauge::default(),
-            store_latency: StoreOp::ALL.iter().map(|_| Histogram::new(LATENCY_BOUNDS)).collect(),
+            store_latency: StoreOp::ALL
+                .iter()
+                .map(|_| Histogram::new(LATENCY_BOUNDS))
+                .collect(),
             store_batch_size: Histogram::new(BATCH_BOUNDS),
             outbound_drops: Counter::default(),
             slow_consumer_closes: Counter::default(),
@@ -388,46 +399,222 @@ impl Metrics {
             &self.thread_mismatches,
             MismatchSource::label,
         );
-        c(&mut o, "tether_manager_cleanups_attempted_total", "Manager cleanups attempted (last guard of a manager dropped).", self.cleanups_attempted.get());
-        c(&mut o, "tether_manager_cleanups_completed_total", "Manager cleanups that found and removed their manager.", self.cleanups_completed.get());
-        c(&mut o, "tether_emergency_cleanups_total", "Registry entries the backstop reaper had to remove (expected 0).", self.emergency_cleanups.get());
-        g(&mut o, "tether_managers_active", "Isolated managers (user, thread) alive.", live.managers as f64);
-        g(&mut o, "tether_users_with_managers", "Users with at least one manager.", live.users as f64);
-        g(&mut o, "tether_managers_per_user_avg", "Average managers per user with managers.", live.managers_per_user_avg);
-        g(&mut o, "tether_managers_per_user_max", "Largest number of managers one user holds.", live.managers_per_user_max as f64);
-        g(&mut o, "tether_connections_active", "WebSocket connections registered now.", live.connections as f64);
-        c(&mut o, "tether_connections_opened_total", "WebSocket connections accepted and registered.", self.connections_opened.get());
-        labelled(&mut o, "tether_connections_closed_total", "WebSocket connections closed, by close code (1006: no close handshake).", "code", CloseLabel::ALL, &self.connections_closed, CloseLabel::label);
-        labelled(&mut o, "tether_limit_rejections_total", "Connections refused with 4008 by a per-user limit.", "limit", LimitKind::ALL, &self.limit_rejections, LimitKind::label);
-        labelled(&mut o, "tether_handshake_rejections_total", "Upgrade requests refused before the upgrade.", "reason", Rejection::ALL, &self.handshake_rejections, Rejection::label);
-        labelled(&mut o, "tether_messages_in_total", "Client frames received, by type.", "type", InKind::ALL, &self.messages_in, InKind::label);
-        labelled(&mut o, "tether_messages_out_total", "Server frames queued, by type.", "type", OutKind::ALL, &self.messages_out, OutKind::label);
-        c(&mut o, "tether_runs_started_total", "Agent runs started.", self.runs_started.get());
-        labelled(&mut o, "tether_runs_finished_total", "Agent runs finished, by outcome.", "outcome", RunOutcome::ALL, &self.runs_finished, RunOutcome::label);
-        g(&mut o, "tether_runs_active", "Agent runs in progress.", self.runs_active.get() as f64);
-        self.run_duration.render(&mut o, "tether_run_duration_seconds", "Agent run duration, start to completed/error.");
-        c(&mut o, "tether_db_sessions_opened_total", "Request-scoped database sessions opened.", self.sessions_opened.get());
-        c(&mut o, "tether_db_sessions_committed_total", "Database sessions committed.", self.sessions_committed.get());
-        c(&mut o, "tether_db_sessions_rolled_back_total", "Database sessions rolled back (dropped without commit, or failed).", self.sessions_rolled_back.get());
-        g(&mut o, "tether_db_sessions_open", "Database sessions open now.", self.sessions_open.get() as f64);
+        c(
+            &mut o,
+            "tether_manager_cleanups_attempted_total",
+            "Manager cleanups attempted (last guard of a manager dropped).",
+            self.cleanups_attempted.get(),
+        );
+        c(
+            &mut o,
+            "tether_manager_cleanups_completed_total",
+            "Manager cleanups that found and removed their manager.",
+            self.cleanups_completed.get(),
+        );
+        c(
+            &mut o,
+            "tether_emergency_cleanups_total",
+            "Registry entries the backstop reaper had to remove (expected 0).",
+            self.emergency_cleanups.get(),
+        );
+        g(
+            &mut o,
+            "tether_managers_active",
+            "Isolated managers (user, thread) alive.",
+            live.managers as f64,
+        );
+        g(
+            &mut o,
+            "tether_users_with_managers",
+            "Users with at least one manager.",
+            live.users as f64,
+        );
+        g(
+            &mut o,
+            "tether_managers_per_user_avg",
+            "Average managers per user with managers.",
+            live.managers_per_user_avg,
+        );
+        g(
+            &mut o,
+            "tether_managers_per_user_max",
+            "Largest number of managers one user holds.",
+            live.managers_per_user_max as f64,
+        );
+        g(
+            &mut o,
+            "tether_connections_active",
+            "WebSocket connections registered now.",
+            live.connections as f64,
+        );
+        c(
+            &mut o,
+            "tether_connections_opened_total",
+            "WebSocket connections accepted and registered.",
+            self.connections_opened.get(),
+        );
+        labelled(
+            &mut o,
+            "tether_connections_closed_total",
+            "WebSocket connections closed, by close code (1006: no close handshake).",
+            "code",
+            CloseLabel::ALL,
+            &self.connections_closed,
+            CloseLabel::label,
+        );
+        labelled(
+            &mut o,
+            "tether_limit_rejections_total",
+            "Connections refused with 4008 by a per-user limit.",
+            "limit",
+            LimitKind::ALL,
+            &self.limit_rejections,
+            LimitKind::label,
+        );
+        labelled(
+            &mut o,
+            "tether_handshake_rejections_total",
+            "Upgrade requests refused before the upgrade.",
+            "reason",
+            Rejection::ALL,
+            &self.handshake_rejections,
+            Rejection::label,
+        );
+        labelled(
+            &mut o,
+            "tether_messages_in_total",
+            "Client frames received, by type.",
+            "type",
+            InKind::ALL,
+            &self.messages_in,
+            InKind::label,
+        );
+        labelled(
+            &mut o,
+            "tether_messages_out_total",
+            "Server frames queued, by type.",
+            "type",
+            OutKind::ALL,
+            &self.messages_out,
+            OutKind::label,
+        );
+        c(
+            &mut o,
+            "tether_runs_started_total",
+            "Agent runs started.",
+            self.runs_started.get(),
+        );
+        labelled(
+            &mut o,
+            "tether_runs_finished_total",
+            "Agent runs finished, by outcome.",
+            "outcome",
+            RunOutcome::ALL,
+            &self.runs_finished,
+            RunOutcome::label,
+        );
+        g(
+            &mut o,
+            "tether_runs_active",
+            "Agent runs in progress.",
+            self.runs_active.get() as f64,
+        );
+        self.run_duration.render(
+            &mut o,
+            "tether_run_duration_seconds",
+            "Agent run duration, start to completed/error.",
+        );
+        c(
+            &mut o,
+            "tether_db_sessions_opened_total",
+            "Request-scoped database sessions opened.",
+            self.sessions_opened.get(),
+        );
+        c(
+            &mut o,
+            "tether_db_sessions_committed_total",
+            "Database sessions committed.",
+            self.sessions_committed.get(),
+        );
+        c(
+            &mut o,
+            "tether_db_sessions_rolled_back_total",
+            "Database sessions rolled back (dropped without commit, or failed).",
+            self.sessions_rolled_back.get(),
+        );
+        g(
+            &mut o,
+            "tether_db_sessions_open",
+            "Database sessions open now.",
+            self.sessions_open.get() as f64,
+        );
         let _ = writeln!(o, "# HELP tether_store_query_seconds Store latency by operation.\n# TYPE tether_store_query_seconds histogram");
         for op in StoreOp::ALL {
             let h = self.store_latency(*op);
             let mut cumulative = 0;
             for (i, b) in h.buckets.iter().enumerate() {
                 cumulative += b.load(Relaxed);
-                let _ = writeln!(o, "tether_store_query_seconds_bucket{{op=\"{}\",le=\"{}\"}} {cumulative}", op.label(), h.bounds[i]);
+                let _ = writeln!(
+                    o,
+                    "tether_store_query_seconds_bucket{{op=\"{}\",le=\"{}\"}} {cumulative}",
+                    op.label(),
+                    h.bounds[i]
+                );
             }
-            let _ = writeln!(o, "tether_store_query_seconds_bucket{{op=\"{}\",le=\"+Inf\"}} {}", op.label(), h.count());
-            let _ = writeln!(o, "tether_store_query_seconds_sum{{op=\"{}\"}} {}", op.label(), h.sum_us.load(Relaxed) as f64 / 1e6);
-            let _ = writeln!(o, "tether_store_query_seconds_count{{op=\"{}\"}} {}", op.label(), h.count());
+            let _ = writeln!(
+                o,
+                "tether_store_query_seconds_bucket{{op=\"{}\",le=\"+Inf\"}} {}",
+                op.label(),
+                h.count()
+            );
+            let _ = writeln!(
+                o,
+                "tether_store_query_seconds_sum{{op=\"{}\"}} {}",
+                op.label(),
+                h.sum_us.load(Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(
+                o,
+                "tether_store_query_seconds_count{{op=\"{}\"}} {}",
+                op.label(),
+                h.count()
+            );
         }
-        self.store_batch_size.render(&mut o, "tether_store_commit_batch_size", "Sessions committed per group commit.");
-        c(&mut o, "tether_outbound_queue_drops_total", "Frames dropped because a connection's outbound queue was full.", self.outbound_drops.get());
-        c(&mut o, "tether_slow_consumer_closes_total", "Connections closed with 4009 (outbound queue overflow).", self.slow_consumer_closes.get());
-        c(&mut o, "tether_heartbeat_timeouts_total", "Connections closed with 4000 (no pong in time).", self.heartbeat_timeouts.get());
-        c(&mut o, "tether_audit_rows_recovered_total", "Audit rows left open by an earlier process and closed at start.", self.audit_rows_recovered.get());
-        g(&mut o, "tether_draining", "1 while the node drains.", if live.draining { 1.0 } else { 0.0 });
+        self.store_batch_size.render(
+            &mut o,
+            "tether_store_commit_batch_size",
+            "Sessions committed per group commit.",
+        );
+        c(
+            &mut o,
+            "tether_outbound_queue_drops_total",
+            "Frames dropped because a connection's outbound queue was full.",
+            self.outbound_drops.get(),
+        );
+        c(
+            &mut o,
+            "tether_slow_consumer_closes_total",
+            "Connections closed with 4009 (outbound queue overflow).",
+            self.slow_consumer_closes.get(),
+        );
+        c(
+            &mut o,
+            "tether_heartbeat_timeouts_total",
+            "Connections closed with 4000 (no pong in time).",
+            self.heartbeat_timeouts.get(),
+        );
+        c(
+            &mut o,
+            "tether_audit_rows_recovered_total",
+            "Audit rows left open by an earlier process and closed at start.",
+            self.audit_rows_recovered.get(),
+        );
+        g(
+            &mut o,
+            "tether_draining",
+            "1 while the node drains.",
+            if live.draining { 1.0 } else { 0.0 },
+        );
         o
     }
 }
@@ -478,7 +665,9 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(!name.is_empty());
-            value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {line}"));
+            value
+                .parse::<f64>()
+                .unwrap_or_else(|_| panic!("bad value in {line}"));
         }
     }
 }

@@ -67,14 +67,18 @@ pub enum CloseReason {
     InvalidUtf8,
     DisconnectedByServer,
     TooManyProtocolErrors,
-    TooBig { max: usize },
+    TooBig {
+        max: usize,
+    },
     Internal,
     Overloaded,
     HeartbeatTimeout,
     /// A per-user limit; the text names it and the numbers.
     UserLimit(String),
     SlowConsumer,
-    RateLimited { per_second: u32 },
+    RateLimited {
+        per_second: u32,
+    },
 }
 
 impl CloseReason {
@@ -194,7 +198,12 @@ pub fn frame<D: Serialize + ?Sized>(kind: &str, meta: FrameMeta<'_>, data: &D) -
 }
 
 /// An `error` frame.
-pub fn error_frame(thread_id: &str, reply_to: Option<&str>, code: ErrorCode, message: &str) -> String {
+pub fn error_frame(
+    thread_id: &str,
+    reply_to: Option<&str>,
+    code: ErrorCode,
+    message: &str,
+) -> String {
     #[derive(Serialize)]
     struct D<'a> {
         code: ErrorCode,
@@ -212,7 +221,12 @@ pub fn error_frame(thread_id: &str, reply_to: Option<&str>, code: ErrorCode, mes
 }
 
 /// A `history` frame around already-serialized stored events.
-pub fn history_frame(thread_id: &str, reply_to: Option<&str>, events: &[String], last_seq: u64) -> String {
+pub fn history_frame(
+    thread_id: &str,
+    reply_to: Option<&str>,
+    events: &[String],
+    last_seq: u64,
+) -> String {
     let raw: Vec<&RawValue> = events
         .iter()
         .filter_map(|e| serde_json::from_str::<&RawValue>(e).ok())
@@ -240,10 +254,17 @@ pub fn history_frame(thread_id: &str, reply_to: Option<&str>, events: &[String],
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientRequest {
     /// `user_message`, `chat` or `start_agent`.
-    UserMessage { content: String },
+    UserMessage {
+        content: String,
+    },
     Ping,
-    GetHistory { since: u64, limit: u32 },
-    CancelRun { run_id: String },
+    GetHistory {
+        since: u64,
+        limit: u32,
+    },
+    CancelRun {
+        run_id: String,
+    },
 }
 
 /// A parsed client frame: the request plus its envelope fields.
@@ -362,7 +383,9 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
             ClientRequest::GetHistory { since, limit }
         }
         "cancel_run" => match data.get("run_id") {
-            Some(Value::String(r)) if !r.is_empty() => ClientRequest::CancelRun { run_id: r.clone() },
+            Some(Value::String(r)) if !r.is_empty() => {
+                ClientRequest::CancelRun { run_id: r.clone() }
+            }
             _ => return Err(invalid("data.run_id is required")),
         },
         other => {
@@ -394,10 +417,18 @@ mod tests {
 
     #[test]
     fn user_message_and_synonyms_parse() {
-        let f = parse_client_frame(r#"{"type":"user_message","id":"c-1","thread_id":"t","data":{"content":"hi"}}"#).unwrap();
+        let f = parse_client_frame(
+            r#"{"type":"user_message","id":"c-1","thread_id":"t","data":{"content":"hi"}}"#,
+        )
+        .unwrap();
         assert_eq!(f.id.as_deref(), Some("c-1"));
         assert_eq!(f.thread_id.as_deref(), Some("t"));
-        assert_eq!(f.request, ClientRequest::UserMessage { content: "hi".into() });
+        assert_eq!(
+            f.request,
+            ClientRequest::UserMessage {
+                content: "hi".into()
+            }
+        );
         for text in [
             r#"{"type":"chat","payload":{"message":"hi"}}"#,
             r#"{"type":"user_message","data":{"text":"hi"}}"#,
@@ -405,7 +436,9 @@ mod tests {
         ] {
             assert_eq!(
                 parse_client_frame(text).unwrap().request,
-                ClientRequest::UserMessage { content: "hi".into() }
+                ClientRequest::UserMessage {
+                    content: "hi".into()
+                }
             );
         }
     }
@@ -417,11 +450,26 @@ mod tests {
         assert_eq!(code("[1]"), ErrorCode::InvalidMessage);
         assert_eq!(code(r#"{"id":"x"}"#), ErrorCode::InvalidMessage);
         assert_eq!(code(r#"{"type":5}"#), ErrorCode::InvalidMessage);
-        assert_eq!(code(r#"{"type":"user_message","data":{}}"#), ErrorCode::InvalidMessage);
-        assert_eq!(code(r#"{"type":"user_message","data":{"content":7}}"#), ErrorCode::InvalidMessage);
-        assert_eq!(code(r#"{"type":"get_history","data":{"limit":1001}}"#), ErrorCode::InvalidMessage);
-        assert_eq!(code(r#"{"type":"get_history","data":{"since":-1}}"#), ErrorCode::InvalidMessage);
-        assert_eq!(code(r#"{"type":"cancel_run","data":{}}"#), ErrorCode::InvalidMessage);
+        assert_eq!(
+            code(r#"{"type":"user_message","data":{}}"#),
+            ErrorCode::InvalidMessage
+        );
+        assert_eq!(
+            code(r#"{"type":"user_message","data":{"content":7}}"#),
+            ErrorCode::InvalidMessage
+        );
+        assert_eq!(
+            code(r#"{"type":"get_history","data":{"limit":1001}}"#),
+            ErrorCode::InvalidMessage
+        );
+        assert_eq!(
+            code(r#"{"type":"get_history","data":{"since":-1}}"#),
+            ErrorCode::InvalidMessage
+        );
+        assert_eq!(
+            code(r#"{"type":"cancel_run","data":{}}"#),
+            ErrorCode::InvalidMessage
+        );
         assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
         let long_id = format!(r#"{{"type":"ping","id":"{}"}}"#, "x".repeat(129));
         assert_eq!(code(&long_id), ErrorCode::InvalidMessage);
@@ -433,10 +481,16 @@ mod tests {
     #[test]
     fn json_bombs_are_refused_without_panicking() {
         let deep = "[".repeat(100_000);
-        assert_eq!(parse_client_frame(&deep).unwrap_err().code, ErrorCode::InvalidJson);
+        assert_eq!(
+            parse_client_frame(&deep).unwrap_err().code,
+            ErrorCode::InvalidJson
+        );
         let deep_obj = format!("{}{}", r#"{"a":"#.repeat(10_000), "}".repeat(10_000));
         assert!(parse_client_frame(&deep_obj).is_err());
-        let huge_num = format!(r#"{{"type":"get_history","data":{{"since":1{}}}}}"#, "0".repeat(5000));
+        let huge_num = format!(
+            r#"{{"type":"get_history","data":{{"since":1{}}}}}"#,
+            "0".repeat(5000)
+        );
         assert!(parse_client_frame(&huge_num).is_err());
     }
 
@@ -444,7 +498,10 @@ mod tests {
     fn close_reasons_fit_in_123_bytes() {
         let long = CloseReason::UserLimit("x".repeat(500));
         assert_eq!(long.reason().len(), 123);
-        assert_eq!(CloseReason::RateLimited { per_second: 20 }.reason(), "too many messages (limit 20/s)");
+        assert_eq!(
+            CloseReason::RateLimited { per_second: 20 }.reason(),
+            "too many messages (limit 20/s)"
+        );
         assert_eq!(CloseReason::SlowConsumer.code(), 4009);
     }
 

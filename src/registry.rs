@@ -225,7 +225,9 @@ impl std::fmt::Debug for RegistryGuard {
 
 impl Drop for RegistryGuard {
     fn drop(&mut self) {
-        let removed = self.inner.release(&self.user_id, &self.key, &self.connection_id);
+        let removed = self
+            .inner
+            .release(&self.user_id, &self.key, &self.connection_id);
         if !removed {
             tracing::warn!(isolation_key = %self.key, "cleanup found no registry entry for its key");
         }
@@ -276,7 +278,11 @@ impl Registry {
         let limits = self.inner.limits;
         let key = ctx.isolation_key();
         let alive = Arc::new(());
-        let mut slot = self.inner.users.entry(ctx.user_id_arc().clone()).or_default();
+        let mut slot = self
+            .inner
+            .users
+            .entry(ctx.user_id_arc().clone())
+            .or_default();
         if slot.connections >= limits.max_connections_per_user {
             metrics().limit_rejection(LimitKind::Connections);
             let err = LimitError::Connections {
@@ -363,7 +369,12 @@ impl Registry {
     }
 
     /// Deliver a frame to all connections of a user, or of one of their threads.
-    pub fn deliver_to_user(&self, user_id: &str, thread_id: Option<&str>, frame: &OutFrame) -> usize {
+    pub fn deliver_to_user(
+        &self,
+        user_id: &str,
+        thread_id: Option<&str>,
+        frame: &OutFrame,
+    ) -> usize {
         let Some(slot) = self.inner.users.get(user_id) else {
             return 0;
         };
@@ -403,7 +414,10 @@ impl Registry {
 
     /// Managers (threads with live connections) of one user.
     pub fn get_user_manager_count(&self, user_id: &str) -> usize {
-        self.inner.users.get(user_id).map_or(0, |s| s.managers.len())
+        self.inner
+            .users
+            .get(user_id)
+            .map_or(0, |s| s.managers.len())
     }
 
     /// Connections of one manager.
@@ -522,7 +536,11 @@ impl Inner {
         if let Some(mut slot) = self.users.get_mut(user_id) {
             if let Some(mi) = slot.managers.iter().position(|m| &m.key == key) {
                 let m = &mut slot.managers[mi];
-                if let Some(ci) = m.conns.iter().position(|c| &*c.connection_id == connection_id) {
+                if let Some(ci) = m
+                    .conns
+                    .iter()
+                    .position(|c| &*c.connection_id == connection_id)
+                {
                     m.conns.swap_remove(ci);
                     found = true;
                     if m.conns.is_empty() {
@@ -644,14 +662,28 @@ mod tests {
             reg.register(&other_thread, h3).unwrap(),
             reg.register(&b, h4).unwrap(),
         ];
-        let n = reg.deliver(a.isolation_key(), &OutFrame::new(1, "x"), Some(a.connection_id()));
+        let n = reg.deliver(
+            a.isolation_key(),
+            &OutFrame::new(1, "x"),
+            Some(a.connection_id()),
+        );
         assert_eq!(n, 1);
         assert!(r1.try_recv().is_err());
         assert_eq!(r2.try_recv().unwrap().seq, 1);
         assert!(r3.try_recv().is_err());
         assert!(r4.try_recv().is_err());
-        assert_eq!(reg.deliver_to_user("alice", None, &OutFrame::new(0, "y")), 3);
-        assert_eq!(reg.deliver_to_user("alice", Some(other_thread.thread_id()), &OutFrame::new(0, "z")), 1);
+        assert_eq!(
+            reg.deliver_to_user("alice", None, &OutFrame::new(0, "y")),
+            3
+        );
+        assert_eq!(
+            reg.deliver_to_user(
+                "alice",
+                Some(other_thread.thread_id()),
+                &OutFrame::new(0, "z")
+            ),
+            1
+        );
         assert!(r4.try_recv().is_err());
     }
 
@@ -661,8 +693,14 @@ mod tests {
         let a = ctx("alice");
         let (h, _rx, shared) = ConnHandle::channel(1);
         let _g = reg.register(&a, h).unwrap();
-        assert_eq!(reg.deliver(a.isolation_key(), &OutFrame::new(1, "a"), None), 1);
-        assert_eq!(reg.deliver(a.isolation_key(), &OutFrame::new(2, "b"), None), 0);
+        assert_eq!(
+            reg.deliver(a.isolation_key(), &OutFrame::new(1, "a"), None),
+            1
+        );
+        assert_eq!(
+            reg.deliver(a.isolation_key(), &OutFrame::new(2, "b"), None),
+            0
+        );
         assert_eq!(shared.close_requested().unwrap().code, 4009);
     }
 

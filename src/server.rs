@@ -28,9 +28,15 @@ use crate::store::{SqlStore, Store, StoreError, StoreOptions};
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot create the data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("auth: {0}")]
@@ -58,7 +64,9 @@ impl Server {
             source,
         })?;
         let auth = Auth::from_config(&config)?;
-        let admin_token = config.resolve_admin_token().map_err(ServerError::AdminToken)?;
+        let admin_token = config
+            .resolve_admin_token()
+            .map_err(ServerError::AdminToken)?;
         let registry = Registry::new(Limits {
             max_connections_per_user: config.max_connections_per_user as usize,
             max_managers_per_user: config.max_managers_per_user as usize,
@@ -74,23 +82,38 @@ impl Server {
         let recovered = store.recover_open_audit_rows().await?;
         if recovered > 0 {
             metrics().audit_rows_recovered.add(recovered);
-            tracing::warn!(recovered, "closed audit rows left open by an earlier process");
+            tracing::warn!(
+                recovered,
+                "closed audit rows left open by an earlier process"
+            );
         }
         let agent: Arc<dyn Agent> = Arc::new(DemoAgent {
             delay: config.agent_delay(),
         });
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        let state = AppState::new(config, registry, store, broker, agent, auth, admin_token, TaskTracker::new());
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let state = AppState::new(
+            config,
+            registry,
+            store,
+            broker,
+            agent,
+            auth,
+            admin_token,
+            TaskTracker::new(),
+        );
         Ok(Self { listener, state })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -98,7 +121,10 @@ impl Server {
     }
 
     /// Serve until `signal` resolves, then drain and shut down within the grace period.
-    pub async fn run(self, signal: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    pub async fn run(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         let st = self.state;
         let http_stop = CancellationToken::new();
         let app = router(st.clone()).into_make_service_with_connect_info::<SocketAddr>();
@@ -125,7 +151,10 @@ impl Server {
         st.start_drain();
         st.tracker.close();
         let grace = st.config.shutdown_grace();
-        if tokio::time::timeout(grace, st.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, st.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("grace period over: cancelling runs still in progress");
             st.runs_cancel.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(2), st.tracker.wait()).await;

@@ -68,7 +68,9 @@ pub enum Write {
         run_id: Option<String>,
     },
     /// Record a run (of the given child context) as started.
-    RunStarted { run: UserExecutionContext },
+    RunStarted {
+        run: UserExecutionContext,
+    },
     /// Record the session's run as finished.
     RunFinished {
         status: &'static str,
@@ -76,7 +78,9 @@ pub enum Write {
         error_code: Option<String>,
     },
     /// Not stored: a frame (a text delta) delivered in order with the session's thread events.
-    Transient { text: String },
+    Transient {
+        text: String,
+    },
 }
 
 /// Opens sessions. Cheap to clone.

@@ -50,7 +50,9 @@ impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         // sqlx errors carry no connection strings; Configuration errors may, so drop their text.
         match e {
-            sqlx::Error::Configuration(_) => StoreError::Config("bad database configuration".into()),
+            sqlx::Error::Configuration(_) => {
+                StoreError::Config("bad database configuration".into())
+            }
             other => StoreError::Database(other.to_string()),
         }
     }
@@ -89,13 +91,26 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<oneshot::Receiver<Result<Vec<u64>, StoreError>>, StoreError>;
 
     /// The thread if it exists and belongs to `user_id` (ownership proof), with its last `seq`.
-    async fn find_thread(&self, user_id: &str, thread_id: &str) -> Result<Option<(OwnedThread, u64)>, StoreError>;
+    async fn find_thread(
+        &self,
+        user_id: &str,
+        thread_id: &str,
+    ) -> Result<Option<(OwnedThread, u64)>, StoreError>;
 
     /// The user's threads, most recently updated first.
-    async fn list_threads(&self, user_id: &str, limit: u32) -> Result<Vec<ThreadSummary>, StoreError>;
+    async fn list_threads(
+        &self,
+        user_id: &str,
+        limit: u32,
+    ) -> Result<Vec<ThreadSummary>, StoreError>;
 
     /// Events with `seq > since`, oldest first, at most `limit`.
-    async fn events_since(&self, thread_id: &str, since: u64, limit: u32) -> Result<EventPage, StoreError>;
+    async fn events_since(
+        &self,
+        thread_id: &str,
+        since: u64,
+        limit: u32,
+    ) -> Result<EventPage, StoreError>;
 
     /// Record a connection as opened (audit trail). Queued in order with the writer.
     async fn audit_open(&self, ctx: &UserExecutionContext) -> Result<(), StoreError>;
@@ -209,7 +224,9 @@ pub struct SqlStore {
 impl std::fmt::Debug for SqlStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the URL: it may hold a password.
-        f.debug_struct("SqlStore").field("node_id", &self.node_id).finish()
+        f.debug_struct("SqlStore")
+            .field("node_id", &self.node_id)
+            .finish()
     }
 }
 
@@ -249,7 +266,10 @@ impl StoreOptions {
 impl SqlStore {
     /// Connect, create the schema, and start the writer, which hands committed frames to
     /// `broker`.
-    pub async fn open(opts: StoreOptions, broker: Arc<dyn Broker>) -> Result<Arc<Self>, StoreError> {
+    pub async fn open(
+        opts: StoreOptions,
+        broker: Arc<dyn Broker>,
+    ) -> Result<Arc<Self>, StoreError> {
         sqlx::any::install_default_drivers();
         let dialect = if opts.url.starts_with("sqlite:") {
             Dialect::Sqlite
@@ -262,7 +282,11 @@ impl SqlStore {
         };
         let sync = match opts.sqlite_synchronous.to_ascii_uppercase().as_str() {
             s @ ("FULL" | "NORMAL" | "EXTRA") => s.to_string(),
-            _ => return Err(StoreError::Config("sqlite synchronous must be FULL, NORMAL or EXTRA".into())),
+            _ => {
+                return Err(StoreError::Config(
+                    "sqlite synchronous must be FULL, NORMAL or EXTRA".into(),
+                ))
+            }
         };
         let pool = AnyPoolOptions::new()
             .max_connections(opts.read_pool_size.max(1) + 1)
@@ -273,7 +297,8 @@ impl SqlStore {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {
                         conn.execute("PRAGMA journal_mode=WAL").await?;
-                        conn.execute(format!("PRAGMA synchronous={sync}").as_str()).await?;
+                        conn.execute(format!("PRAGMA synchronous={sync}").as_str())
+                            .await?;
                         conn.execute("PRAGMA busy_timeout=10000").await?;
                     }
                     Ok(())
@@ -287,7 +312,13 @@ impl SqlStore {
         let writer_conn = pool.acquire().await?.detach();
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let node_id: Arc<str> = opts.node_id.as_str().into();
-        tokio::spawn(writer_loop(writer_conn, opts.url.clone(), rx, broker, node_id.clone()));
+        tokio::spawn(writer_loop(
+            writer_conn,
+            opts.url.clone(),
+            rx,
+            broker,
+            node_id.clone(),
+        ));
         Ok(Arc::new(Self { pool, tx, node_id }))
     }
 
@@ -300,7 +331,9 @@ fn read_timer() -> impl Drop {
     struct T(Instant);
     impl Drop for T {
         fn drop(&mut self) {
-            metrics().store_latency(StoreOp::Read).observe(self.0.elapsed().as_secs_f64());
+            metrics()
+                .store_latency(StoreOp::Read)
+                .observe(self.0.elapsed().as_secs_f64());
         }
     }
     T(Instant::now())
@@ -322,7 +355,11 @@ impl Store for SqlStore {
         Ok(rx)
     }
 
-    async fn find_thread(&self, user_id: &str, thread_id: &str) -> Result<Option<(OwnedThread, u64)>, StoreError> {
+    async fn find_thread(
+        &self,
+        user_id: &str,
+        thread_id: &str,
+    ) -> Result<Option<(OwnedThread, u64)>, StoreError> {
         let _t = read_timer();
         let row = sqlx::query("SELECT user_id, last_seq FROM threads WHERE thread_id = $1")
             .bind(thread_id)
@@ -333,10 +370,17 @@ impl Store for SqlStore {
         if owner != user_id {
             return Ok(None);
         }
-        Ok(Some((OwnedThread::new(user_id, thread_id), u64_of(&row, 1)?)))
+        Ok(Some((
+            OwnedThread::new(user_id, thread_id),
+            u64_of(&row, 1)?,
+        )))
     }
 
-    async fn list_threads(&self, user_id: &str, limit: u32) -> Result<Vec<ThreadSummary>, StoreError> {
+    async fn list_threads(
+        &self,
+        user_id: &str,
+        limit: u32,
+    ) -> Result<Vec<ThreadSummary>, StoreError> {
         let _t = read_timer();
         let rows = sqlx::query(
             "SELECT thread_id, created_at, updated_at, last_seq FROM threads
@@ -358,7 +402,12 @@ impl Store for SqlStore {
             .collect()
     }
 
-    async fn events_since(&self, thread_id: &str, since: u64, limit: u32) -> Result<EventPage, StoreError> {
+    async fn events_since(
+        &self,
+        thread_id: &str,
+        since: u64,
+        limit: u32,
+    ) -> Result<EventPage, StoreError> {
         let _t = read_timer();
         let since = i64::try_from(since).unwrap_or(i64::MAX);
         let rows = sqlx::query(
@@ -431,10 +480,12 @@ impl Store for SqlStore {
     }
 
     async fn open_audit_rows(&self) -> Result<u64, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) FROM connections WHERE node_id = $1 AND closed_at IS NULL")
-            .bind(&*self.node_id)
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT COUNT(*) FROM connections WHERE node_id = $1 AND closed_at IS NULL",
+        )
+        .bind(&*self.node_id)
+        .fetch_one(&self.pool)
+        .await?;
         u64_of(&row, 0)
     }
 
@@ -476,7 +527,10 @@ async fn writer_loop(
                 Err(_) => break,
             }
         }
-        if let Some(pos) = batch.iter().position(|op| matches!(op, Op::Shutdown { .. })) {
+        if let Some(pos) = batch
+            .iter()
+            .position(|op| matches!(op, Op::Shutdown { .. }))
+        {
             // Everything queued before the shutdown is committed; later ops are refused.
             for op in batch.drain(pos..) {
                 if let Op::Shutdown { reply } = op {
@@ -491,11 +545,16 @@ async fn writer_loop(
         if conn.ping().await.is_err() {
             match sqlx::AnyConnection::connect(&url).await {
                 Ok(c) => conn = c,
-                Err(e) => tracing::error!(error = %StoreError::from(e), "store writer cannot reconnect"),
+                Err(e) => {
+                    tracing::error!(error = %StoreError::from(e), "store writer cannot reconnect")
+                }
             }
         }
         let started = Instant::now();
-        let sessions = batch.iter().filter(|op| matches!(op, Op::Session { .. })).count();
+        let sessions = batch
+            .iter()
+            .filter(|op| matches!(op, Op::Session { .. }))
+            .count();
         let results = match write_batch(&mut conn, &batch, &node_id).await {
             Ok(results) => results,
             Err(e) => {
@@ -510,7 +569,9 @@ async fn writer_loop(
                 results
             }
         };
-        metrics().store_latency(StoreOp::Commit).observe(started.elapsed().as_secs_f64());
+        metrics()
+            .store_latency(StoreOp::Commit)
+            .observe(started.elapsed().as_secs_f64());
         if sessions > 0 {
             metrics().store_batch_size.observe(sessions as f64);
         }
@@ -556,7 +617,9 @@ async fn write_batch(
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
         match op {
-            Op::Session { ctx, writes, .. } => results.push(apply_session(&mut tx, ctx, writes).await?),
+            Op::Session { ctx, writes, .. } => {
+                results.push(apply_session(&mut tx, ctx, writes).await?)
+            }
             Op::AuditOpen { ctx, at } => {
                 sqlx::query(
                     "INSERT INTO connections (connection_id, node_id, user_id, thread_id, request_id, opened_at)
@@ -617,7 +680,10 @@ async fn apply_session(
         .execute(&mut **tx)
         .await?;
     }
-    let n_events = writes.iter().filter(|w| matches!(w, Write::Event(_))).count() as i64;
+    let n_events = writes
+        .iter()
+        .filter(|w| matches!(w, Write::Event(_)))
+        .count() as i64;
     let mut next_seq = 0u64;
     if n_events > 0 {
         let row = sqlx::query(
@@ -668,7 +734,9 @@ async fn apply_session(
                     );
                     (ctx.connection_id_arc().clone(), OutFrame::new(seq, ack))
                 });
-                applied.deliveries.push(Delivery::thread(ctx, OutFrame::new(seq, text), ack));
+                applied
+                    .deliveries
+                    .push(Delivery::thread(ctx, OutFrame::new(seq, text), ack));
             }
             Write::Message {
                 message_id,

@@ -10,7 +10,8 @@ use tether::client::{Client, ClientError, ConnectOptions};
 use tokio_tungstenite::tungstenite::Message;
 
 fn is_id(v: &Value, prefix: &str) -> bool {
-    v.as_str().is_some_and(|s| tether::ids::parse(s).is_ok_and(|p| p.prefix == prefix))
+    v.as_str()
+        .is_some_and(|s| tether::ids::parse(s).is_ok_and(|p| p.prefix == prefix))
 }
 
 #[tokio::test]
@@ -26,8 +27,14 @@ async fn connection_established_carries_one_consistent_context() {
     assert!(is_id(&d["run_id"], "run"));
     assert!(is_id(&d["request_id"], "req"));
     assert!(is_id(&d["connection_id"], "conn"));
-    assert!(d["thread_id"].as_str().unwrap().starts_with("thread_websocket_session_"));
-    assert!(tether::ids::ids_consistent(d["thread_id"].as_str().unwrap(), d["run_id"].as_str().unwrap()));
+    assert!(d["thread_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("thread_websocket_session_"));
+    assert!(tether::ids::ids_consistent(
+        d["thread_id"].as_str().unwrap(),
+        d["run_id"].as_str().unwrap()
+    ));
     assert_eq!(est["thread_id"], d["thread_id"]);
     assert_eq!(d["limits"]["max_message_bytes"], 65536);
     assert_eq!(d["limits"]["heartbeat_interval_ms"], 25000);
@@ -43,11 +50,21 @@ async fn a_user_message_is_acked_then_runs_in_order_with_consecutive_seqs() {
     let (mut c, est) = app.connect("alice").await;
     let thread = est["data"]["thread_id"].as_str().unwrap().to_string();
     let frames = chat(&mut c, "c-17", "hello wide world").await;
-    let stored: Vec<&Value> = frames.iter().filter(|f| f["type"] != "agent_text_delta").collect();
+    let stored: Vec<&Value> = frames
+        .iter()
+        .filter(|f| f["type"] != "agent_text_delta")
+        .collect();
     let kinds: Vec<&str> = stored.iter().map(|f| f["type"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
-        ["ack", "agent_started", "agent_thinking", "tool_executing", "tool_completed", "agent_completed"]
+        [
+            "ack",
+            "agent_started",
+            "agent_thinking",
+            "tool_executing",
+            "tool_completed",
+            "agent_completed"
+        ]
     );
     let ack = stored[0];
     assert_eq!(ack["reply_to"], "c-17");
@@ -61,10 +78,16 @@ async fn a_user_message_is_acked_then_runs_in_order_with_consecutive_seqs() {
         assert_eq!(f["reply_to"], "c-17");
         assert_eq!(f["thread_id"], thread.as_str());
     }
-    assert_eq!(stored[3]["data"]["tool_call_id"], stored[4]["data"]["tool_call_id"]);
+    assert_eq!(
+        stored[3]["data"]["tool_call_id"],
+        stored[4]["data"]["tool_call_id"]
+    );
     assert_eq!(stored[4]["data"]["output"]["words"], 3);
     let reply = stored[5]["data"]["content"].as_str().unwrap();
-    assert!(reply.contains("hello wide world") && reply.contains("demo"), "{reply}");
+    assert!(
+        reply.contains("hello wide world") && reply.contains("demo"),
+        "{reply}"
+    );
     // The streamed deltas add up to the stored reply.
     let streamed: String = frames
         .iter()
@@ -84,7 +107,10 @@ async fn other_tabs_get_the_message_and_the_run_and_other_users_get_nothing() {
     let thread = est["data"]["thread_id"].as_str().unwrap().to_string();
     let (mut a2, est2) = app.connect_thread("alice", &thread, None).await;
     assert_eq!(est2["data"]["resumed"], true);
-    assert_eq!(est2["data"]["run_id"], est["data"]["run_id"], "resumers share the thread's root run");
+    assert_eq!(
+        est2["data"]["run_id"], est["data"]["run_id"],
+        "resumers share the thread's root run"
+    );
     assert_ne!(est2["data"]["request_id"], est["data"]["request_id"]);
     let (mut other_thread, _) = app.connect("alice").await;
     let (mut bob, _) = app.connect("bob").await;
@@ -99,7 +125,9 @@ async fn other_tabs_get_the_message_and_the_run_and_other_users_get_nothing() {
 
     // Nothing reached bob or alice's other thread: a ping round trip proves the queue is empty.
     for c in [&mut bob, &mut other_thread] {
-        c.send_json(&json!({"type": "ping", "id": "p"})).await.unwrap();
+        c.send_json(&json!({"type": "ping", "id": "p"}))
+            .await
+            .unwrap();
         let f = c.next_json(T).await.unwrap();
         assert_eq!(f["type"], "pong", "{f}");
         assert_eq!(f["reply_to"], "p");
@@ -138,7 +166,9 @@ async fn history_and_events_api_return_stored_events() {
     let (mut c, est) = app.connect("alice").await;
     let thread = est["data"]["thread_id"].as_str().unwrap().to_string();
     chat(&mut c, "a", "one").await;
-    c.send_json(&json!({"type": "get_history", "id": "h", "data": {"since": 2, "limit": 3}})).await.unwrap();
+    c.send_json(&json!({"type": "get_history", "id": "h", "data": {"since": 2, "limit": 3}}))
+        .await
+        .unwrap();
     let h = c.until("history", T).await.unwrap().pop().unwrap();
     assert_eq!(h["reply_to"], "h");
     assert_eq!(h["data"]["last_seq"], 6);
@@ -156,7 +186,10 @@ async fn history_and_events_api_return_stored_events() {
         .unwrap();
     assert_eq!(body["thread_id"], thread.as_str());
     assert_eq!(body["last_seq"], 6);
-    assert_eq!(seqs(body["events"].as_array().unwrap()), vec![2, 3, 4, 5, 6]);
+    assert_eq!(
+        seqs(body["events"].as_array().unwrap()),
+        vec![2, 3, 4, 5, 6]
+    );
     assert_eq!(body["events"][0]["type"], "agent_started");
 
     let res = http
@@ -185,7 +218,11 @@ async fn history_and_events_api_return_stored_events() {
 async fn refused(app: &TestApp, opts: ConnectOptions) -> (u16, Value) {
     match Client::connect(&app.ws_base(), &opts).await {
         Err(ClientError::Ws(tether::client::WsError::Http(resp))) => {
-            let body = resp.body().as_ref().map(|b| serde_json::from_slice(b).unwrap()).unwrap_or(Value::Null);
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| serde_json::from_slice(b).unwrap())
+                .unwrap_or(Value::Null);
             (resp.status().as_u16(), body)
         }
         Err(e) => panic!("unexpected error {e}"),
@@ -197,8 +234,18 @@ async fn refused(app: &TestApp, opts: ConnectOptions) -> (u16, Value) {
 async fn handshake_refusals_are_plain_http_with_json_errors() {
     let app = spawn_app().await;
     let (status, body) = refused(&app, ConnectOptions::default()).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthorized")));
-    let (status, _) = refused(&app, ConnectOptions { token: Some("garbage".into()), ..Default::default() }).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (status, _) = refused(
+        &app,
+        ConnectOptions {
+            token: Some("garbage".into()),
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(status, 401);
 
     let (_c, est) = app.connect("alice").await;
@@ -209,19 +256,33 @@ async fn handshake_refusals_are_plain_http_with_json_errors() {
         ..Default::default()
     };
     let (status, body) = refused(&app, bob(thread)).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden_thread")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("forbidden_thread"))
+    );
     // A thread that does not exist gets the same answer.
     let (status2, body2) = refused(&app, bob("thread_websocket_session_1_1_00000000")).await;
-    assert_eq!((status2, &body2["error"]["code"]), (403, &body["error"]["code"]));
+    assert_eq!(
+        (status2, &body2["error"]["code"]),
+        (403, &body["error"]["code"])
+    );
     let (status, _) = refused(&app, bob("nonsense")).await;
     assert_eq!(status, 403);
 
     let (status, body) = refused(
         &app,
-        ConnectOptions { token: Some(app.token("alice")), thread_id: Some(thread.into()), query: Some("since=-1".into()), ..Default::default() },
+        ConnectOptions {
+            token: Some(app.token("alice")),
+            thread_id: Some(thread.into()),
+            query: Some("since=-1".into()),
+            ..Default::default()
+        },
     )
     .await;
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_request")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
 }
 
 #[tokio::test]
@@ -235,7 +296,10 @@ async fn tokens_work_from_subprotocol_query_and_single_use_tickets() {
     let (_c, est) = app.connect_opts(opts).await;
     assert_eq!(est["data"]["user_id"], "alice");
 
-    let opts = ConnectOptions { query: Some(format!("token={}", app.token("carol"))), ..Default::default() };
+    let opts = ConnectOptions {
+        query: Some(format!("token={}", app.token("carol"))),
+        ..Default::default()
+    };
     let (_c, est) = app.connect_opts(opts).await;
     assert_eq!(est["data"]["user_id"], "carol");
 
@@ -251,7 +315,10 @@ async fn tokens_work_from_subprotocol_query_and_single_use_tickets() {
         .unwrap();
     assert_eq!(t["expires_in"], 30);
     let ticket = t["ticket"].as_str().unwrap().to_string();
-    let opts = ConnectOptions { query: Some(format!("ticket={ticket}")), ..Default::default() };
+    let opts = ConnectOptions {
+        query: Some(format!("ticket={ticket}")),
+        ..Default::default()
+    };
     let (_c, est) = app.connect_opts(opts.clone()).await;
     assert_eq!(est["data"]["user_id"], "dave");
     let (status, _) = refused(&app, opts).await;
@@ -273,10 +340,19 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
     let cases = [
         ("not json", "invalid_json"),
         (r#"{"id":"x1"}"#, "invalid_message"),
-        (r#"{"type":"user_message","id":"x2","data":{}}"#, "invalid_message"),
+        (
+            r#"{"type":"user_message","id":"x2","data":{}}"#,
+            "invalid_message",
+        ),
         (r#"{"type":"teleport","id":"x3"}"#, "unknown_type"),
-        (r#"{"type":"user_message","id":"x4","thread_id":"thread_other_1_1_00000000","data":{"content":"hi"}}"#, "thread_mismatch"),
-        (r#"{"type":"cancel_run","id":"x5","data":{"run_id":"run_agent_run_1_1_00000000"}}"#, "unknown_run"),
+        (
+            r#"{"type":"user_message","id":"x4","thread_id":"thread_other_1_1_00000000","data":{"content":"hi"}}"#,
+            "thread_mismatch",
+        ),
+        (
+            r#"{"type":"cancel_run","id":"x5","data":{"run_id":"run_agent_run_1_1_00000000"}}"#,
+            "unknown_run",
+        ),
     ];
     for (text, code) in cases {
         c.send_raw(Message::Text(text.into())).await.unwrap();
@@ -284,7 +360,9 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
         assert_eq!(f["type"], "error", "{text}");
         assert_eq!(f["data"]["code"], code, "{text}");
     }
-    c.send_json(&json!({"type": "teleport", "id": "c-9"})).await.unwrap();
+    c.send_json(&json!({"type": "teleport", "id": "c-9"}))
+        .await
+        .unwrap();
     assert_eq!(c.next_json(T).await.unwrap()["reply_to"], "c-9");
     // Still usable.
     let frames = chat(&mut c, "ok", "still here").await;
@@ -295,7 +373,9 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
 async fn binary_and_oversized_frames_close_with_1003_and_1009() {
     let app = spawn_with(|c| c.max_message_bytes = 1024).await;
     let (mut c, _) = app.connect("alice").await;
-    c.send_raw(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    c.send_raw(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
     assert_eq!(c.closed(T).await.unwrap().0, 1003);
 
     let (mut c, _) = app.connect("alice").await;
@@ -317,21 +397,37 @@ async fn per_user_limits_close_new_connections_with_4008_and_spare_existing_ones
     let thread = est["data"]["thread_id"].as_str().unwrap().to_string();
     let (_b, _) = app.connect("alice").await;
     // A third thread needs a third manager.
-    let mut c = Client::connect(&app.ws_base(), &ConnectOptions { token: Some(app.token("alice")), ..Default::default() })
-        .await
-        .unwrap();
+    let mut c = Client::connect(
+        &app.ws_base(),
+        &ConnectOptions {
+            token: Some(app.token("alice")),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let (code, reason) = c.closed(T).await.unwrap();
-    assert_eq!((code, reason.as_str()), (4008, "too many managers for user (2/2)"));
+    assert_eq!(
+        (code, reason.as_str()),
+        (4008, "too many managers for user (2/2)")
+    );
     // A tab on an existing thread is fine, then the connection limit hits.
     let (_t, _) = app.connect_thread("alice", &thread, None).await;
     let mut d = Client::connect(
         &app.ws_base(),
-        &ConnectOptions { token: Some(app.token("alice")), thread_id: Some(thread.clone()), ..Default::default() },
+        &ConnectOptions {
+            token: Some(app.token("alice")),
+            thread_id: Some(thread.clone()),
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
     let (code, reason) = d.closed(T).await.unwrap();
-    assert_eq!((code, reason.as_str()), (4008, "too many connections for user (3/3)"));
+    assert_eq!(
+        (code, reason.as_str()),
+        (4008, "too many connections for user (3/3)")
+    );
     // Existing connections are untouched; other users are unaffected.
     let frames = chat(&mut a, "still", "works").await;
     assert_eq!(frames.last().unwrap()["type"], "agent_completed");
@@ -346,7 +442,10 @@ async fn flooding_gets_rate_limited_errors_then_4029() {
     let app = spawn_with(|c| c.message_rate = 5).await;
     let (mut c, _) = app.connect("alice").await;
     for i in 0..40 {
-        if c.send_json(&json!({"type": "ping", "id": format!("p{i}")})).await.is_err() {
+        if c.send_json(&json!({"type": "ping", "id": format!("p{i}")}))
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -390,7 +489,10 @@ async fn a_client_that_never_answers_pings_is_closed_with_4000() {
     // Read until the close frame (opcode 0x8) with code 4000 appears.
     loop {
         let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk)).await.expect("in time").unwrap();
+        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
+            .await
+            .expect("in time")
+            .unwrap();
         if n == 0 {
             break;
         }
@@ -413,7 +515,12 @@ async fn admin_endpoints_publish_disconnect_and_require_the_admin_token() {
     let thread = est["data"]["thread_id"].as_str().unwrap().to_string();
     let (mut a2, _) = app.connect("alice").await;
     let http = reqwest::Client::new();
-    let res = http.post(app.http("/api/users/alice/events")).json(&json!({"type": "notice"})).send().await.unwrap();
+    let res = http
+        .post(app.http("/api/users/alice/events"))
+        .json(&json!({"type": "notice"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 401);
     let r: Value = http
         .post(app.http("/api/users/alice/events"))
@@ -441,19 +548,47 @@ async fn admin_endpoints_publish_disconnect_and_require_the_admin_token() {
         .await
         .unwrap();
     assert_eq!(r["closed"], 2);
-    assert_eq!(a.closed(T).await.unwrap(), (1008, "disconnected by server".to_string()));
+    assert_eq!(
+        a.closed(T).await.unwrap(),
+        (1008, "disconnected by server".to_string())
+    );
     assert_eq!(a2.closed(T).await.unwrap().0, 1008);
-    app.wait_stats("no connections", |s| s["connections"] == 0).await;
-    assert_eq!(http.get(app.http("/api/stats")).send().await.unwrap().status(), 401);
+    app.wait_stats("no connections", |s| s["connections"] == 0)
+        .await;
+    assert_eq!(
+        http.get(app.http("/api/stats"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
 }
 
 #[tokio::test]
 async fn health_ready_and_metrics_answer() {
     let app = spawn_app().await;
     let http = reqwest::Client::new();
-    assert_eq!(http.get(app.http("/healthz")).send().await.unwrap().status(), 200);
-    assert_eq!(http.get(app.http("/readyz")).send().await.unwrap().status(), 200);
-    let m = http.get(app.http("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert_eq!(
+        http.get(app.http("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(app.http("/readyz")).send().await.unwrap().status(),
+        200
+    );
+    let m = http
+        .get(app.http("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(m.contains("tether_connections_active"));
     assert!(m.contains("tether_manager_cleanups_completed_total"));
     assert!(!m.contains("alice"));
@@ -463,11 +598,15 @@ async fn health_ready_and_metrics_answer() {
 async fn cancel_run_ends_the_run_with_agent_error_cancelled() {
     let app = spawn_with(|c| c.agent_delay_ms = 300).await;
     let (mut c, _) = app.connect("alice").await;
-    c.send_json(&json!({"type": "user_message", "id": "m", "data": {"content": "slow"}})).await.unwrap();
+    c.send_json(&json!({"type": "user_message", "id": "m", "data": {"content": "slow"}}))
+        .await
+        .unwrap();
     let ack = c.until("ack", T).await.unwrap().pop().unwrap();
     let run_id = ack["data"]["run_id"].as_str().unwrap().to_string();
     c.until("agent_started", T).await.unwrap();
-    c.send_json(&json!({"type": "cancel_run", "id": "x", "data": {"run_id": run_id}})).await.unwrap();
+    c.send_json(&json!({"type": "cancel_run", "id": "x", "data": {"run_id": run_id}}))
+        .await
+        .unwrap();
     let frames = c.until("agent_error", T).await.unwrap();
     let err = frames.last().unwrap();
     assert_eq!(err["data"]["code"], "cancelled");

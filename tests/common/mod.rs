@@ -78,7 +78,10 @@ impl TestApp {
         format!("http://{}{}", self.addr, path)
     }
     pub fn token(&self, user: &str) -> String {
-        self.state.auth.mint(user, Duration::from_secs(3600)).unwrap()
+        self.state
+            .auth
+            .mint(user, Duration::from_secs(3600))
+            .unwrap()
     }
 
     /// Connect as `user` on a new thread and read `connection_established`.
@@ -91,7 +94,12 @@ impl TestApp {
     }
 
     /// Connect as `user` to an existing thread.
-    pub async fn connect_thread(&self, user: &str, thread_id: &str, since: Option<u64>) -> (Client, Value) {
+    pub async fn connect_thread(
+        &self,
+        user: &str,
+        thread_id: &str,
+        since: Option<u64>,
+    ) -> (Client, Value) {
         self.connect_opts(ConnectOptions {
             token: Some(self.token(user)),
             thread_id: Some(thread_id.to_string()),
@@ -102,7 +110,9 @@ impl TestApp {
     }
 
     pub async fn connect_opts(&self, opts: ConnectOptions) -> (Client, Value) {
-        let mut c = Client::connect(&self.ws_base(), &opts).await.expect("connects");
+        let mut c = Client::connect(&self.ws_base(), &opts)
+            .await
+            .expect("connects");
         let est = c.next_json(T).await.expect("connection_established");
         assert_eq!(est["type"], "connection_established", "{est}");
         (c, est)
@@ -145,7 +155,10 @@ impl TestApp {
             let _ = s.send(());
         }
         if let Some(j) = self.join.take() {
-            tokio::time::timeout(Duration::from_secs(30), j).await.expect("shutdown in time").unwrap();
+            tokio::time::timeout(Duration::from_secs(30), j)
+                .await
+                .expect("shutdown in time")
+                .unwrap();
         }
     }
 
@@ -170,9 +183,11 @@ impl Drop for TestApp {
 
 /// Send a user message and collect frames up to the run's end.
 pub async fn chat(c: &mut Client, id: &str, content: &str) -> Vec<Value> {
-    c.send_json(&serde_json::json!({"type": "user_message", "id": id, "data": {"content": content}}))
-        .await
-        .unwrap();
+    c.send_json(
+        &serde_json::json!({"type": "user_message", "id": id, "data": {"content": content}}),
+    )
+    .await
+    .unwrap();
     c.until("agent_completed", T).await.expect("run completes")
 }
 

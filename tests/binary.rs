@@ -1,0 +1,159 @@
+//! The `tether` binary as a user runs it: token tool, config errors, crash recovery of the
+//! audit trail, SIGTERM shutdown.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{temp_dir, T};
+use tether::client::{Client, ConnectOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tether");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn serve(dir: &std::path::Path, port: u16) -> Child {
+    Command::new(BIN)
+        .env("TETHER_DATA_DIR", dir)
+        .env("TETHER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("TETHER_ADMIN_TOKEN", "admin-bin")
+        .env("TETHER_AGENT_DELAY_MS", "0")
+        .env("TETHER_SQLITE_SYNCHRONOUS", "NORMAL")
+        .env("TETHER_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_ready(port: u16) {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "server not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn token(dir: &std::path::Path, user: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["token", "--user", user, "--ttl", "10m"])
+        .env("TETHER_DATA_DIR", dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn invalid_config_fails_at_start_naming_the_variable() {
+    let out = Command::new(BIN)
+        .env("TETHER_MAX_CONNECTIONS_PER_USER", "lots")
+        .env("TETHER_DATA_DIR", temp_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TETHER_MAX_CONNECTIONS_PER_USER"), "{err}");
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for var in [
+        "TETHER_LISTEN",
+        "TETHER_DATA_DIR",
+        "TETHER_JWT_SECRET",
+        "TETHER_CONNECT_RATE_PER_IP",
+        "TETHER_AGENT_DELAY_MS",
+    ] {
+        assert!(help.contains(var), "--help does not document {var}");
+    }
+}
+
+#[tokio::test]
+async fn token_tool_and_server_agree_and_a_killed_servers_audit_rows_are_closed_at_restart() {
+    let dir = temp_dir();
+    let port = free_port();
+    // The token is minted before the server ever ran: the secret is generated once and kept.
+    let tok = token(&dir, "alice");
+    let mut child = serve(&dir, port);
+    wait_ready(port).await;
+    let base = format!("ws://127.0.0.1:{port}");
+    let mut c = Client::connect(
+        &base,
+        &ConnectOptions {
+            token: Some(tok.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let est = c.next_json(T).await.unwrap();
+    assert_eq!(est["data"]["user_id"], "alice");
+    // Wait until the audit row is committed, then crash the server.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let s: serde_json::Value = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/api/stats"))
+            .bearer_auth("admin-bin")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if s["audit_rows_open"] == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "audit row never committed: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    drop(c);
+
+    let mut child = serve(&dir, port);
+    wait_ready(port).await;
+    let m = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(m.contains("tether_audit_rows_recovered_total 1"), "{m}");
+    // SIGTERM: graceful, exit 0.
+    let mut c = Client::connect(
+        &base,
+        &ConnectOptions {
+            token: Some(tok),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    c.next_json(T).await.unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(c.closed(T).await.unwrap().0, 1001);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}

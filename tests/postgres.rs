@@ -1,0 +1,50 @@
+//! The gateway on PostgreSQL (`TETHER_TEST_POSTGRES_URL`): the same store code, a real server.
+//! Skipped, with one visible line, when the variable is unset.
+
+mod common;
+
+use std::io::Write as _;
+
+use common::*;
+
+fn pg_url() -> Option<String> {
+    match std::env::var("TETHER_TEST_POSTGRES_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            // Written to the real stderr (not captured by the test harness), so it shows.
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED: PostgreSQL tests (set TETHER_TEST_POSTGRES_URL to run them)"
+            );
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn runs_resume_and_audit_work_on_postgres() {
+    let Some(url) = pg_url() else { return };
+    let node = tether::ids::connection_id();
+    let app = spawn_with(|c| {
+        c.database_url = Some(tether::config::Secret::new(url.clone()));
+        c.node_id = node.clone();
+    })
+    .await;
+    let (mut c, est) = app.connect("pg-alice").await;
+    let thread = est["data"]["thread_id"].as_str().unwrap().to_string();
+    let frames = chat(&mut c, "a", "hello postgres").await;
+    assert_eq!(seqs(&frames), vec![1, 2, 3, 4, 5, 6]);
+    let (mut tab, _) = app.connect_thread("pg-alice", &thread, Some(2)).await;
+    let mut replayed = Vec::new();
+    for _ in 0..4 {
+        replayed.push(tab.next_json(T).await.unwrap());
+    }
+    assert_eq!(seqs(&replayed), vec![3, 4, 5, 6]);
+    c.abort();
+    tab.close().await.unwrap();
+    app.wait_stats("released", |s| {
+        s["connections"] == 0 && s["audit_rows_open"] == 0
+    })
+    .await;
+    app.shutdown().await;
+}
