@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -390,6 +391,13 @@ fn parse_limit(limit: Option<&str>) -> Result<u32, ApiError> {
     }
 }
 
+/// A query string the extractor refuses (a repeated parameter, say) is a 400 `invalid_request`
+/// with the documented JSON body, not axum's plain-text rejection.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::invalid(e.body_text()))
+}
+
 fn parse_since(since: Option<&str>) -> Result<Option<u64>, ApiError> {
     match since {
         None => Ok(None),
@@ -403,9 +411,10 @@ fn parse_since(since: Option<&str>) -> Result<Option<u64>, ApiError> {
 async fn list_threads(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
-    Query(q): Query<PageQuery>,
+    q: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let user = st.check_user(&headers)?;
+    let q = query(q)?;
     let limit = parse_limit(q.limit.as_deref())?;
     let threads = st.store.list_threads(&user, limit).await?;
     Ok(Json(json!({ "threads": threads })))
@@ -414,10 +423,16 @@ async fn list_threads(
 async fn thread_events(
     State(st): State<Arc<AppState>>,
     headers: HeaderMap,
-    Path(thread_id): Path<String>,
-    Query(q): Query<PageQuery>,
+    path: Result<Path<String>, PathRejection>,
+    q: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let user = st.check_user(&headers)?;
+    // A path that does not even decode (invalid percent-encoded UTF-8) names no thread: the same
+    // 403 as any other thread that is not the caller's.
+    let Ok(Path(thread_id)) = path else {
+        return Err(ApiError::forbidden_thread());
+    };
+    let q = query(q)?;
     let since = parse_since(q.since.as_deref())?.unwrap_or(0);
     let limit = parse_limit(q.limit.as_deref())?;
     if ids::parse(&thread_id).map(|p| p.prefix) != Ok("thread") {
@@ -573,7 +588,7 @@ async fn ws_handler(
     State(st): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Query(q): Query<WsQuery>,
+    q: Result<Query<WsQuery>, QueryRejection>,
     ws: WebSocketUpgrade,
 ) -> Response {
     if st.is_draining() {
@@ -596,6 +611,10 @@ async fn ws_handler(
             ),
         );
     }
+    let q = match query(q) {
+        Ok(q) => q,
+        Err(e) => return reject(Rejection::InvalidRequest, e),
+    };
     let since = match parse_since(q.since.as_deref()) {
         Ok(s) => s,
         Err(e) => return reject(Rejection::InvalidRequest, e),
@@ -772,6 +791,30 @@ impl RateLimiter {
 /// How long one write may block before the peer counts as stalled.
 const WRITE_STALL: Duration = Duration::from_secs(10);
 
+/// How long the socket is kept after a close frame the server sent (see [`linger`]).
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// After the server sent a close frame: keep the socket up to [`CLOSE_LINGER`], reading and
+/// discarding what the peer still sends, until its close reply.
+///
+/// Dropping a socket with unread input makes the kernel answer with RST, and a peer that gets an
+/// RST loses what it has not read yet, the close frame included: a client flooding pings or
+/// streaming an oversized message saw "connection reset" instead of 4029 or 1009
+/// (tests/hostile.rs). After a frame error the stream yields nothing more (tungstenite fuses
+/// it), so then only the deadline applies. Holds no registry slot or audit row.
+async fn linger(stream: &mut SplitStream<WebSocket>) {
+    let deadline = tokio::time::Instant::now() + CLOSE_LINGER;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            // The deadline, the peer's close reply, or a failed socket: done.
+            Err(_) | Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) => return,
+            Ok(Some(Ok(_))) => {}
+            // Fused by an earlier frame error: give the peer the time to read the close frame.
+            Ok(None) => return sleep_until(deadline).await,
+        }
+    }
+}
+
 /// One WebSocket connection: owns its guards and runs its frame loop.
 struct Connection {
     st: Arc<AppState>,
@@ -808,6 +851,7 @@ impl Connection {
                 let reason = CloseReason::UserLimit(limit.to_string());
                 metrics().connection_closed(reason.code());
                 conn.close(&reason).await;
+                linger(&mut stream).await;
                 return;
             }
         };
@@ -835,6 +879,7 @@ impl Connection {
         tracing::info!(resumed = conn.ctx.resumed(), "connection opened");
 
         let end = conn.serve(&mut rx, &mut stream, since, last_seq).await;
+        let server_closed = end.close_reason().is_some();
         if let Some(reason) = end.close_reason() {
             conn.close(reason).await;
         } else if let End::ClientClosed(..) = end {
@@ -844,7 +889,12 @@ impl Connection {
         let (code, reason) = end.recorded();
         tracing::info!(code, reason = %reason, "connection closed");
         audit.outcome = Some((code, reason));
-        // _slot and audit drop here: registry slot released, audit row closed.
+        // Registry slot released and audit row closed here, before any lingering.
+        drop(audit);
+        drop(_slot);
+        if server_closed {
+            linger(&mut stream).await;
+        }
     }
 
     /// Send a close frame (best effort, bounded in time).
