@@ -45,6 +45,8 @@ const PLACEHOLDERS: &[&str] = &[
     "changeme",
 ];
 
+const LONGEST_PLACEHOLDER: usize = 11;
+
 /// Why a context could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ContextError {
@@ -138,13 +140,14 @@ pub enum ThreadChoice {
 struct Inner {
     user_id: Arc<str>,
     thread_id: Arc<str>,
-    run_id: Arc<str>,
-    request_id: Arc<str>,
+    // Minted per context and not shared: plain strings, no second copy into an Arc.
+    run_id: String,
+    request_id: String,
     connection_id: Arc<str>,
     /// `{user_id}:{thread_id}`, computed once.
     isolation_key: IsolationKey,
     /// The run this context was derived from (child contexts only).
-    parent_run_id: Option<Arc<str>>,
+    parent_run_id: Option<String>,
     depth: u8,
     resumed: bool,
 }
@@ -191,8 +194,8 @@ impl UserExecutionContext {
                 isolation_key: IsolationKey::derive(&user_id, &thread_id),
                 user_id,
                 thread_id,
-                run_id: run_id.into(),
-                request_id: request_id.into(),
+                run_id,
+                request_id,
                 connection_id: connection_id.into(),
                 parent_run_id: None,
                 depth: 0,
@@ -212,8 +215,8 @@ impl UserExecutionContext {
             inner: Arc::new(Inner {
                 user_id: self.inner.user_id.clone(),
                 thread_id: self.inner.thread_id.clone(),
-                run_id: ids::run_id(ids::OP_AGENT_RUN).into(),
-                request_id: ids::request_id(ids::OP_AGENT_RUN).into(),
+                run_id: ids::run_id(ids::OP_AGENT_RUN),
+                request_id: ids::request_id(ids::OP_AGENT_RUN),
                 connection_id: self.inner.connection_id.clone(),
                 isolation_key: self.inner.isolation_key.clone(),
                 parent_run_id: Some(self.inner.run_id.clone()),
@@ -367,6 +370,11 @@ mod tests {
         assert_eq!(k1.thread_id(), c.thread_id());
         // A child (agent run) context keeps the key.
         assert_eq!(c.child().unwrap().isolation_key(), &k1);
+    }
+
+    #[test]
+    fn longest_placeholder_is_up_to_date() {
+        assert_eq!(PLACEHOLDERS.iter().map(|p| p.len()).max(), Some(LONGEST_PLACEHOLDER));
     }
 
     #[test]

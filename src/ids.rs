@@ -19,7 +19,6 @@
 //! This module owns formatting and parsing only. Which id a connection gets is decided in
 //! [`crate::context`], the only place that calls [`generate_user_context_ids`].
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -44,12 +43,43 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Decimal digits of `n`, without the formatting machinery (ids are minted per connection and
+/// per run; this keeps context creation well under a microsecond).
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &b in &buf[i..] {
+        out.push(char::from(b));
+    }
+}
+
+fn push_hex8(out: &mut String, v: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for shift in (0..8).rev() {
+        out.push(char::from(HEX[((v >> (shift * 4)) & 0xf) as usize]));
+    }
+}
+
 /// `{unix_ms}_{counter}_{hex8}`: the unique tail every id ends with.
-fn push_tail(out: &mut String) {
+fn push_tail_with(out: &mut String, ms: u64, hex: u32) {
     let counter = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let hex: u32 = rand::rng().random();
-    // Writing into a String cannot fail.
-    let _ = write!(out, "{}_{}_{:08x}", unix_ms(), counter, hex);
+    push_u64(out, ms);
+    out.push('_');
+    push_u64(out, counter);
+    out.push('_');
+    push_hex8(out, hex);
+}
+
+fn push_tail(out: &mut String) {
+    push_tail_with(out, unix_ms(), rand::rng().random());
 }
 
 fn mint(prefix: &str, operation: Option<&str>) -> String {
@@ -69,13 +99,24 @@ fn mint(prefix: &str, operation: Option<&str>) -> String {
 /// The thread and its root run share one `{operation}_{unix_ms}_{counter}_{hex8}` root, so
 /// [`ids_consistent`] holds for them; the request id gets a fresh root.
 pub fn generate_user_context_ids(operation: &str) -> (String, String, String) {
-    let mut root = String::with_capacity(48);
-    root.push_str(operation);
-    root.push('_');
-    push_tail(&mut root);
-    let thread_id = format!("thread_{root}");
-    let run_id = format!("run_{root}");
-    (thread_id, run_id, request_id(operation))
+    // One clock read and one draw of randomness serve all three ids.
+    let ms = unix_ms();
+    let random: u64 = rand::rng().random();
+    let mut thread_id = String::with_capacity(operation.len() + 48);
+    thread_id.push_str("thread_");
+    thread_id.push_str(operation);
+    thread_id.push('_');
+    push_tail_with(&mut thread_id, ms, random as u32);
+    let root = &thread_id["thread_".len()..];
+    let mut run_id = String::with_capacity(root.len() + 4);
+    run_id.push_str("run_");
+    run_id.push_str(root);
+    let mut request_id = String::with_capacity(operation.len() + 44);
+    request_id.push_str("req_");
+    request_id.push_str(operation);
+    request_id.push('_');
+    push_tail_with(&mut request_id, ms, (random >> 32) as u32);
+    (thread_id, run_id, request_id)
 }
 
 /// The root run id of a thread: `run_` + the thread's root. Every connection that resumes a
