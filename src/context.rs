@@ -85,10 +85,9 @@ fn check_not_placeholder(field: &'static str, value: &str) -> Result<(), Context
     if value.trim().is_empty() {
         return Err(ContextError::Empty { field });
     }
-    if PLACEHOLDERS
-        .iter()
-        .any(|p| p.eq_ignore_ascii_case(value.trim()))
-    {
+    // Every placeholder is short; real ids are not, so most values skip the list.
+    let v = value.trim();
+    if v.len() <= LONGEST_PLACEHOLDER && PLACEHOLDERS.iter().any(|p| p.eq_ignore_ascii_case(v)) {
         return Err(ContextError::Placeholder { field });
     }
     Ok(())

@@ -541,15 +541,6 @@ async fn writer_loop(
         if batch.is_empty() {
             continue;
         }
-        // Reconnect if the connection broke (PostgreSQL restart).
-        if conn.ping().await.is_err() {
-            match sqlx::AnyConnection::connect(&url).await {
-                Ok(c) => conn = c,
-                Err(e) => {
-                    tracing::error!(error = %StoreError::from(e), "store writer cannot reconnect")
-                }
-            }
-        }
         let started = Instant::now();
         let sessions = batch
             .iter()
@@ -559,6 +550,13 @@ async fn writer_loop(
             Ok(results) => results,
             Err(e) => {
                 tracing::warn!(error = %e, ops = batch.len(), "group commit failed; retrying each session alone");
+                // The connection may be broken (database restarted): reconnect before retrying.
+                if conn.ping().await.is_err() {
+                    match sqlx::AnyConnection::connect(&url).await {
+                        Ok(c) => conn = c,
+                        Err(e) => tracing::error!(error = %StoreError::from(e), "store writer cannot reconnect"),
+                    }
+                }
                 let mut results = Vec::with_capacity(batch.len());
                 for op in &batch {
                     match write_batch(&mut conn, std::slice::from_ref(op), &node_id).await {
@@ -606,33 +604,245 @@ async fn writer_loop(
     }
 }
 
-/// Write `ops` in one transaction. On success returns one result per op (sessions whose thread
-/// was missing fail alone with `ThreadNotFound` but do not abort the others).
+/// Rows per multi-row statement (well under SQLite's and PostgreSQL's bind-parameter limits).
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// `prefix` followed by `rows` groups of `cols` numbered parameters, starting at `$first`.
+fn values_sql(prefix: &str, cols: usize, rows: usize, first: usize) -> String {
+    let mut sql = String::with_capacity(prefix.len() + rows * cols * 5);
+    sql.push_str(prefix);
+    let mut n = first;
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..cols {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            sql.push('$');
+            sql.push_str(&n.to_string());
+            n += 1;
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// `(SELECT CAST($a AS T1) AS c1, ... UNION ALL SELECT ...) AS v`: a typed inline table that
+/// both SQLite and PostgreSQL accept in `UPDATE .. FROM`.
+fn inline_table(cols: &[(&str, &str)], rows: usize, first: usize) -> String {
+    let mut sql = String::from("(");
+    let mut n = first;
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "SELECT " } else { " UNION ALL SELECT " });
+        for (i, (name, ty)) in cols.iter().enumerate() {
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("CAST(${n} AS {ty})"));
+            if r == 0 {
+                sql.push_str(" AS ");
+                sql.push_str(name);
+            }
+            n += 1;
+        }
+    }
+    sql.push_str(") AS v");
+    sql
+}
+
+/// Run one multi-row statement per chunk of `rows`: `$sql_for(n)` builds the SQL for `n` rows,
+/// `$bind(q, row)` binds one row. Statements with many rows are not cached. (A macro: the
+/// query borrows both the SQL string and the rows, which a helper function's signature cannot
+/// express without boxing.)
+macro_rules! execute_chunks {
+    ($tx:expr, $rows:expr, |$n:ident| $sql:expr, |$q:ident, $r:pat_param| $bind:expr $(,)?) => {
+        for chunk in $rows.chunks(ROWS_PER_STATEMENT) {
+            let $n = chunk.len();
+            let sql: String = $sql;
+            let mut q = sqlx::query(&sql).persistent(chunk.len() <= 4);
+            for row in chunk {
+                let $q = q;
+                let $r = row;
+                q = $bind;
+            }
+            q.execute(&mut *$tx).await?;
+        }
+    };
+}
+
+struct EventRow<'a> {
+    thread_id: &'a str,
+    seq: i64,
+    kind: &'a str,
+    run_id: Option<&'a str>,
+    frame: String,
+}
+
+struct MessageRow<'a> {
+    ctx: &'a UserExecutionContext,
+    message_id: &'a str,
+    run_id: Option<&'a str>,
+    role: &'static str,
+    content: &'a str,
+}
+
+struct RunFinish<'a> {
+    run_id: &'a str,
+    status: &'static str,
+    duration_ms: i64,
+    error_code: Option<&'a str>,
+}
+
+/// Write `ops` in one transaction with a handful of multi-row statements, however many sessions
+/// the batch holds: new threads, one `UPDATE .. RETURNING` that reserves the `seq`s of every
+/// thread in the batch, then events, messages, runs and audit rows. Sessions whose thread is
+/// missing (or not their user's) fail alone with `ThreadNotFound` and write nothing.
 async fn write_batch(
     conn: &mut AnyConnection,
     ops: &[Op],
     node_id: &str,
 ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+    let now = unix_ms() as i64;
     let mut tx = conn.begin().await?;
-    let mut results = Vec::with_capacity(ops.len());
+
+    // 1. New threads.
+    let new_threads: Vec<&UserExecutionContext> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Session { ctx, writes, .. } if writes.iter().any(|w| matches!(w, Write::CreateThread)) => Some(ctx),
+            _ => None,
+        })
+        .collect();
+    execute_chunks!(
+        tx,
+        new_threads,
+        |n| values_sql("INSERT INTO threads (thread_id, user_id, created_at, updated_at, last_seq) VALUES ", 5, n, 1),
+        |q, ctx| q.bind(ctx.thread_id()).bind(ctx.user_id()).bind(now).bind(now).bind(0i64),
+    );
+
+    // 2. Reserve seqs: events per (thread, user), in order of first appearance.
+    let mut wanted: Vec<(&str, &str, i64)> = Vec::new();
+    for op in ops {
+        if let Op::Session { ctx, writes, .. } = op {
+            let n = writes.iter().filter(|w| matches!(w, Write::Event(_))).count() as i64;
+            if n == 0 {
+                continue;
+            }
+            match wanted.iter_mut().find(|(t, _, _)| *t == ctx.thread_id()) {
+                Some(w) if w.1 == ctx.user_id() => w.2 += n,
+                Some(_) => {} // another user's session on this thread id: it fails below
+                None => wanted.push((ctx.thread_id(), ctx.user_id(), n)),
+            }
+        }
+    }
+    // Next seq to hand out, per thread (with the user it was reserved for).
+    let mut next: std::collections::HashMap<&str, (&str, u64)> = std::collections::HashMap::with_capacity(wanted.len());
+    for chunk in wanted.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "UPDATE threads SET last_seq = last_seq + v.n, updated_at = $1 FROM {} \
+             WHERE threads.thread_id = v.tid AND threads.user_id = v.uid RETURNING thread_id, last_seq",
+            inline_table(&[("tid", "TEXT"), ("uid", "TEXT"), ("n", "BIGINT")], chunk.len(), 2)
+        );
+        let mut q = sqlx::query(&sql).persistent(chunk.len() <= 4).bind(now);
+        for (t, u, n) in chunk {
+            q = q.bind(*t).bind(*u).bind(*n);
+        }
+        for row in q.fetch_all(&mut *tx).await? {
+            let thread: String = row.try_get(0)?;
+            let last = u64_of(&row, 1)?;
+            if let Some((t, u, n)) = chunk.iter().find(|(t, _, _)| *t == thread) {
+                next.insert(t, (u, last + 1 - *n as u64));
+            }
+        }
+    }
+
+    // 3. Assign seqs in batch order; collect rows and deliveries.
+    let mut results: Vec<Result<Applied, StoreError>> = Vec::with_capacity(ops.len());
+    let mut events: Vec<EventRow<'_>> = Vec::new();
+    let mut messages: Vec<MessageRow<'_>> = Vec::new();
+    let mut runs: Vec<&UserExecutionContext> = Vec::new();
+    let mut finishes: Vec<RunFinish<'_>> = Vec::new();
+    let mut opens: Vec<(&UserExecutionContext, i64)> = Vec::new();
+    let mut closes: Vec<(&str, i64, &str, i64)> = Vec::new();
     for op in ops {
         match op {
             Op::Session { ctx, writes, .. } => {
-                results.push(apply_session(&mut tx, ctx, writes).await?)
+                let has_events = writes.iter().any(|w| matches!(w, Write::Event(_)));
+                let mut seq_slot = next
+                    .get_mut(ctx.thread_id())
+                    .filter(|(user, _)| *user == ctx.user_id())
+                    .map(|(_, seq)| seq);
+                if has_events && seq_slot.is_none() {
+                    results.push(Err(StoreError::ThreadNotFound));
+                    continue;
+                }
+                let mut applied = Applied::default();
+                for w in writes {
+                    match w {
+                        Write::CreateThread => {}
+                        Write::Event(ev) => {
+                            let Some(slot) = seq_slot.as_deref_mut() else { continue };
+                            let seq = *slot;
+                            *slot += 1;
+                            let text = event_frame(ctx, ev, seq, now as u64);
+                            applied.seqs.push(seq);
+                            let ack = ev.ack.as_ref().map(|a| {
+                                let ack = protocol::frame(
+                                    "ack",
+                                    FrameMeta {
+                                        thread_id: Some(ctx.thread_id()),
+                                        seq: Some(seq),
+                                        reply_to: ev.reply_to.as_deref(),
+                                        ts_ms: Some(now as u64),
+                                        ..Default::default()
+                                    },
+                                    &serde_json::json!({"message_id": a.message_id, "seq": seq, "run_id": a.run_id}),
+                                );
+                                (ctx.connection_id_arc().clone(), OutFrame::new(seq, ack))
+                            });
+                            applied.deliveries.push(Delivery::thread(ctx, OutFrame::new(seq, text.as_str()), ack));
+                            events.push(EventRow {
+                                thread_id: ctx.thread_id(),
+                                seq: seq as i64,
+                                kind: ev.kind,
+                                run_id: ev.run_id.as_deref(),
+                                frame: text,
+                            });
+                        }
+                        Write::Message {
+                            message_id,
+                            role,
+                            content,
+                            run_id,
+                        } => messages.push(MessageRow {
+                            ctx,
+                            message_id,
+                            run_id: run_id.as_deref(),
+                            role: role.as_str(),
+                            content,
+                        }),
+                        Write::RunStarted { run } => runs.push(run),
+                        Write::RunFinished {
+                            status,
+                            duration_ms,
+                            error_code,
+                        } => finishes.push(RunFinish {
+                            run_id: ctx.run_id(),
+                            status,
+                            duration_ms: *duration_ms as i64,
+                            error_code: error_code.as_deref(),
+                        }),
+                        Write::Transient { text } => {
+                            let mut frame = OutFrame::new(0, text.as_str());
+                            frame.droppable = true;
+                            applied.deliveries.push(Delivery::thread(ctx, frame, None));
+                        }
+                    }
+                }
+                results.push(Ok(applied));
             }
             Op::AuditOpen { ctx, at } => {
-                sqlx::query(
-                    "INSERT INTO connections (connection_id, node_id, user_id, thread_id, request_id, opened_at)
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(ctx.connection_id())
-                .bind(node_id)
-                .bind(ctx.user_id())
-                .bind(ctx.thread_id())
-                .bind(ctx.request_id())
-                .bind(*at)
-                .execute(&mut *tx)
-                .await?;
+                opens.push((ctx, *at));
                 results.push(Ok(Applied::default()));
             }
             Op::AuditClose {
@@ -641,163 +851,109 @@ async fn write_batch(
                 reason,
                 at,
             } => {
-                sqlx::query(
-                    "UPDATE connections SET closed_at = $1, close_code = $2, close_reason = $3
-                     WHERE connection_id = $4 AND closed_at IS NULL",
-                )
-                .bind(*at)
-                .bind(i64::from(*code))
-                .bind(reason.as_str())
-                .bind(&**connection_id)
-                .execute(&mut *tx)
-                .await?;
+                closes.push((connection_id, *at, reason, i64::from(*code)));
                 results.push(Ok(Applied::default()));
             }
             Op::Shutdown { .. } => results.push(Ok(Applied::default())),
         }
     }
+
+    // 4. The rows.
+    execute_chunks!(
+        tx,
+        events,
+        |n| values_sql("INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ", 6, n, 1),
+        |q, e| q.bind(e.thread_id).bind(e.seq).bind(e.kind).bind(e.run_id).bind(now).bind(e.frame.as_str()),
+    );
+    execute_chunks!(
+        tx,
+        messages,
+        |n| {
+            values_sql(
+                "INSERT INTO messages (message_id, thread_id, user_id, run_id, request_id, role, content, created_at) VALUES ",
+                8,
+                n,
+                1,
+            )
+        },
+        |q, m| {
+            q.bind(m.message_id)
+                .bind(m.ctx.thread_id())
+                .bind(m.ctx.user_id())
+                .bind(m.run_id)
+                .bind(m.ctx.request_id())
+                .bind(m.role)
+                .bind(m.content)
+                .bind(now)
+        },
+    );
+    execute_chunks!(
+        tx,
+        runs,
+        |n| {
+            values_sql(
+                "INSERT INTO runs (run_id, thread_id, user_id, request_id, connection_id, parent_run_id, status, started_at) VALUES ",
+                8,
+                n,
+                1,
+            )
+        },
+        |q, r| {
+            q.bind(r.run_id())
+                .bind(r.thread_id())
+                .bind(r.user_id())
+                .bind(r.request_id())
+                .bind(r.connection_id())
+                .bind(r.parent_run_id())
+                .bind("running")
+                .bind(now)
+        },
+    );
+    for chunk in finishes.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "UPDATE runs SET status = v.status, finished_at = $1, duration_ms = v.dur, error_code = v.err FROM {} WHERE runs.run_id = v.rid",
+            inline_table(&[("rid", "TEXT"), ("status", "TEXT"), ("dur", "BIGINT"), ("err", "TEXT")], chunk.len(), 2)
+        );
+        let mut q = sqlx::query(&sql).persistent(chunk.len() <= 4).bind(now);
+        for f in chunk {
+            q = q.bind(f.run_id).bind(f.status).bind(f.duration_ms).bind(f.error_code);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    execute_chunks!(
+        tx,
+        opens,
+        |n| {
+            values_sql(
+                "INSERT INTO connections (connection_id, node_id, user_id, thread_id, request_id, opened_at) VALUES ",
+                6,
+                n,
+                1,
+            )
+        },
+        |q, (c, at)| {
+            q.bind(c.connection_id())
+                .bind(node_id)
+                .bind(c.user_id())
+                .bind(c.thread_id())
+                .bind(c.request_id())
+                .bind(*at)
+        },
+    );
+    execute_chunks!(
+        tx,
+        closes,
+        |n| {
+            format!(
+                "UPDATE connections SET closed_at = v.at, close_code = v.code, close_reason = v.reason FROM {} \
+                 WHERE connections.connection_id = v.cid AND connections.closed_at IS NULL",
+                inline_table(&[("cid", "TEXT"), ("at", "BIGINT"), ("reason", "TEXT"), ("code", "BIGINT")], n, 1)
+            )
+        },
+        |q, (cid, at, reason, code)| q.bind(*cid).bind(*at).bind(*reason).bind(*code),
+    );
     tx.commit().await?;
     Ok(results)
-}
-
-/// Apply one session. `Ok(Err(..))`: the session is refused but the transaction is intact (it
-/// wrote nothing); `Err(..)`: the transaction must be abandoned.
-async fn apply_session(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    ctx: &UserExecutionContext,
-    writes: &[Write],
-) -> Result<Result<Applied, StoreError>, StoreError> {
-    let now = unix_ms() as i64;
-    let mut applied = Applied::default();
-    if writes.iter().any(|w| matches!(w, Write::CreateThread)) {
-        sqlx::query(
-            "INSERT INTO threads (thread_id, user_id, created_at, updated_at, last_seq) VALUES ($1, $2, $3, $4, 0)",
-        )
-        .bind(ctx.thread_id())
-        .bind(ctx.user_id())
-        .bind(now)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-    }
-    let n_events = writes
-        .iter()
-        .filter(|w| matches!(w, Write::Event(_)))
-        .count() as i64;
-    let mut next_seq = 0u64;
-    if n_events > 0 {
-        let row = sqlx::query(
-            "UPDATE threads SET last_seq = last_seq + $1, updated_at = $2
-             WHERE thread_id = $3 AND user_id = $4 RETURNING last_seq",
-        )
-        .bind(n_events)
-        .bind(now)
-        .bind(ctx.thread_id())
-        .bind(ctx.user_id())
-        .fetch_optional(&mut **tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(Err(StoreError::ThreadNotFound));
-        };
-        next_seq = u64_of(&row, 0)? + 1 - n_events as u64;
-    }
-    for w in writes {
-        match w {
-            Write::CreateThread => {}
-            Write::Event(ev) => {
-                let seq = next_seq;
-                next_seq += 1;
-                let text = event_frame(ctx, ev, seq, now as u64);
-                sqlx::query(
-                    "INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(ctx.thread_id())
-                .bind(seq as i64)
-                .bind(ev.kind)
-                .bind(ev.run_id.as_deref())
-                .bind(now)
-                .bind(text.as_str())
-                .execute(&mut **tx)
-                .await?;
-                applied.seqs.push(seq);
-                let ack = ev.ack.as_ref().map(|a| {
-                    let ack = protocol::frame(
-                        "ack",
-                        FrameMeta {
-                            thread_id: Some(ctx.thread_id()),
-                            seq: Some(seq),
-                            reply_to: ev.reply_to.as_deref(),
-                            ts_ms: Some(now as u64),
-                            ..Default::default()
-                        },
-                        &serde_json::json!({"message_id": a.message_id, "seq": seq, "run_id": a.run_id}),
-                    );
-                    (ctx.connection_id_arc().clone(), OutFrame::new(seq, ack))
-                });
-                applied
-                    .deliveries
-                    .push(Delivery::thread(ctx, OutFrame::new(seq, text), ack));
-            }
-            Write::Message {
-                message_id,
-                role,
-                content,
-                run_id,
-            } => {
-                sqlx::query(
-                    "INSERT INTO messages (message_id, thread_id, user_id, run_id, request_id, role, content, created_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                )
-                .bind(message_id.as_str())
-                .bind(ctx.thread_id())
-                .bind(ctx.user_id())
-                .bind(run_id.as_deref())
-                .bind(ctx.request_id())
-                .bind(role.as_str())
-                .bind(content.as_str())
-                .bind(now)
-                .execute(&mut **tx)
-                .await?;
-            }
-            Write::RunStarted { run } => {
-                sqlx::query(
-                    "INSERT INTO runs (run_id, thread_id, user_id, request_id, connection_id, parent_run_id, status, started_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, 'running', $7)",
-                )
-                .bind(run.run_id())
-                .bind(run.thread_id())
-                .bind(run.user_id())
-                .bind(run.request_id())
-                .bind(run.connection_id())
-                .bind(run.parent_run_id())
-                .bind(now)
-                .execute(&mut **tx)
-                .await?;
-            }
-            Write::RunFinished {
-                status,
-                duration_ms,
-                error_code,
-            } => {
-                sqlx::query(
-                    "UPDATE runs SET status = $1, finished_at = $2, duration_ms = $3, error_code = $4 WHERE run_id = $5",
-                )
-                .bind(*status)
-                .bind(now)
-                .bind(*duration_ms as i64)
-                .bind(error_code.as_deref())
-                .bind(ctx.run_id())
-                .execute(&mut **tx)
-                .await?;
-            }
-            Write::Transient { text } => {
-                let mut frame = OutFrame::new(0, text.as_str());
-                frame.droppable = true;
-                applied.deliveries.push(Delivery::thread(ctx, frame, None));
-            }
-        }
-    }
-    Ok(Ok(applied))
 }
 
 fn event_frame(ctx: &UserExecutionContext, ev: &NewEvent, seq: u64, now: u64) -> String {
@@ -812,4 +968,91 @@ fn event_frame(ctx: &UserExecutionContext, ev: &NewEvent, seq: u64, now: u64) ->
         },
         &ev.data,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::LocalBroker;
+    use crate::context::ThreadChoice;
+    use crate::registry::{Limits, Registry};
+    use crate::session::{NewEvent, SessionFactory};
+
+    fn ctx(user: &str) -> UserExecutionContext {
+        UserExecutionContext::from_websocket_request(user, &crate::ids::connection_id(), ThreadChoice::New).unwrap()
+    }
+
+    fn event(n: u64) -> Write {
+        Write::Event(NewEvent {
+            kind: "agent_thinking",
+            run_id: None,
+            reply_to: None,
+            data: serde_json::json!({ "n": n }),
+            ack: None,
+        })
+    }
+
+    async fn store() -> (Arc<SqlStore>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("tether-store-{}", crate::ids::connection_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut opts = StoreOptions::sqlite_in(&dir);
+        opts.sqlite_synchronous = "NORMAL".into();
+        let reg = Registry::new(Limits::default());
+        (SqlStore::open(opts, Arc::new(LocalBroker::new(reg))).await.unwrap(), dir)
+    }
+
+    #[tokio::test]
+    async fn concurrent_sessions_get_gap_free_seqs_and_a_bad_one_fails_alone() {
+        let (store, dir) = store().await;
+        let sessions = SessionFactory::new(store.clone());
+        let a = ctx("alice");
+        let mut s = sessions.create_session_from_context(&a);
+        s.stage(Write::CreateThread);
+        s.commit().await.unwrap();
+        // Submitted back to back, so the writer takes them as one batch.
+        let mut receipts = Vec::new();
+        for i in 0..50 {
+            let mut s = sessions.create_session_from_context(&a);
+            s.stage(event(i)).stage(event(i));
+            receipts.push(s.submit().await.unwrap());
+        }
+        // A session on a thread that does not exist, and one by another user on alice's thread.
+        let mut ghost = sessions.create_session_from_context(&ctx("bob"));
+        ghost.stage(event(0));
+        let ghost = ghost.submit().await.unwrap();
+        let bob_on_alice = crate::context::UserExecutionContext::from_websocket_request(
+            "bob",
+            &crate::ids::connection_id(),
+            ThreadChoice::Resume(OwnedThread::new("bob", a.thread_id())),
+        )
+        .unwrap();
+        let mut intruder = sessions.create_session_from_context(&bob_on_alice);
+        intruder.stage(event(0));
+        let intruder = intruder.submit().await.unwrap();
+        let mut all = Vec::new();
+        for r in receipts {
+            all.extend(r.await.unwrap().unwrap());
+        }
+        assert_eq!(all, (1..=100).collect::<Vec<u64>>());
+        assert!(matches!(ghost.await.unwrap(), Err(StoreError::ThreadNotFound)));
+        assert!(matches!(intruder.await.unwrap(), Err(StoreError::ThreadNotFound)));
+        let page = store.events_since(a.thread_id(), 98, 10).await.unwrap();
+        assert_eq!(page.last_seq, 100);
+        assert_eq!(page.events.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![99, 100]);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_session_writes_nothing() {
+        let (store, dir) = store().await;
+        let sessions = SessionFactory::new(store.clone());
+        let a = ctx("alice");
+        let mut s = sessions.create_session_from_context(&a);
+        s.stage(Write::CreateThread);
+        drop(s);
+        assert!(store.find_thread("alice", a.thread_id()).await.unwrap().is_none());
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
