@@ -3,14 +3,17 @@
 //! Owns nothing of the server; it only knows the wire protocol. Every wait has a deadline, so a
 //! test or benchmark that goes wrong fails instead of hanging.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -68,21 +71,106 @@ pub fn ws_url(base: &str, opts: &ConnectOptions) -> String {
     }
 }
 
+/// How the TCP socket under a connection is set up: the load tool's knobs (see
+/// [`Client::connect_with`]). The default is what [`Client::connect`] does.
+#[derive(Debug, Clone, Default)]
+pub struct SocketOptions {
+    /// Bind the socket to this local address (port 0) before connecting. Spreading connections
+    /// over 127.0.0.2-127.0.0.254 gives each source address its own ephemeral port range, so
+    /// more than ~28,000 connections (or a churn of TIME_WAIT sockets) fit on loopback.
+    pub bind: Option<IpAddr>,
+    /// Disable Nagle's algorithm, so a small frame leaves at once.
+    pub nodelay: bool,
+    /// The client's read buffer (tungstenite's default is 128 KiB); small for many idle
+    /// connections, so the load tool does not use more memory than the server it measures.
+    pub read_buffer_size: Option<usize>,
+}
+
+/// The upgrade request for `base` and `opts`.
+fn request(base: &str, opts: &ConnectOptions) -> Result<Request, ClientError> {
+    let mut req = ws_url(base, opts).into_client_request()?;
+    if let Some(t) = &opts.token {
+        let v = HeaderValue::from_str(&format!("Bearer {t}"))
+            .map_err(|e| ClientError::BadFrame(e.to_string()))?;
+        req.headers_mut().insert("authorization", v);
+    }
+    if !opts.protocols.is_empty() {
+        let v = HeaderValue::from_str(&opts.protocols.join(", "))
+            .map_err(|e| ClientError::BadFrame(e.to_string()))?;
+        req.headers_mut().insert("sec-websocket-protocol", v);
+    }
+    Ok(req)
+}
+
+fn io_error(kind: std::io::ErrorKind, msg: &str) -> ClientError {
+    ClientError::Ws(WsError::Io(std::io::Error::new(kind, msg.to_string())))
+}
+
 impl Client {
     /// Connect; an HTTP refusal comes back as `ClientError::Ws(Http(..))`.
     pub async fn connect(base: &str, opts: &ConnectOptions) -> Result<Self, ClientError> {
-        let mut req = ws_url(base, opts).into_client_request()?;
-        if let Some(t) = &opts.token {
-            let v = HeaderValue::from_str(&format!("Bearer {t}"))
-                .map_err(|e| ClientError::BadFrame(e.to_string()))?;
-            req.headers_mut().insert("authorization", v);
-        }
-        if !opts.protocols.is_empty() {
-            let v = HeaderValue::from_str(&opts.protocols.join(", "))
-                .map_err(|e| ClientError::BadFrame(e.to_string()))?;
-            req.headers_mut().insert("sec-websocket-protocol", v);
-        }
+        let req = request(base, opts)?;
         let (ws, _resp) = tokio_tungstenite::connect_async(req).await?;
+        Ok(Self { ws, close: None })
+    }
+
+    /// Connect with explicit socket options (source address, Nagle, read buffer). Plain
+    /// `ws://` only: the load tool talks to loopback.
+    pub async fn connect_with(
+        base: &str,
+        opts: &ConnectOptions,
+        sock: &SocketOptions,
+    ) -> Result<Self, ClientError> {
+        use std::io::ErrorKind;
+        let req = request(base, opts)?;
+        if req.uri().scheme_str() != Some("ws") {
+            return Err(io_error(
+                ErrorKind::Unsupported,
+                "connect_with supports ws:// only",
+            ));
+        }
+        let host = req
+            .uri()
+            .host()
+            .ok_or_else(|| io_error(ErrorKind::InvalidInput, "URL without a host"))?;
+        // `[::1]` comes back with its brackets; the resolver wants them off.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = req.uri().port_u16().unwrap_or(80);
+        let addr = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| ClientError::Ws(WsError::Io(e)))?
+            .find(|a| sock.bind.is_none_or(|b| b.is_ipv4() == a.is_ipv4()))
+            .ok_or_else(|| io_error(ErrorKind::AddrNotAvailable, "no address for the host"))?;
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| ClientError::Ws(WsError::Io(e)))?;
+        if let Some(ip) = sock.bind {
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| ClientError::Ws(WsError::Io(e)))?;
+        }
+        let stream = socket
+            .connect(addr)
+            .await
+            .map_err(|e| ClientError::Ws(WsError::Io(e)))?;
+        if sock.nodelay {
+            stream
+                .set_nodelay(true)
+                .map_err(|e| ClientError::Ws(WsError::Io(e)))?;
+        }
+        let mut config = WebSocketConfig::default();
+        if let Some(n) = sock.read_buffer_size {
+            config = config.read_buffer_size(n);
+        }
+        let (ws, _resp) = tokio_tungstenite::client_async_with_config(
+            req,
+            MaybeTlsStream::Plain(stream),
+            Some(config),
+        )
+        .await?;
         Ok(Self { ws, close: None })
     }
 
