@@ -18,6 +18,7 @@
 //! | [`auth`] | JWT verification and minting, single-use tickets |
 //! | [`gateway`] | HTTP routes, the WebSocket accept path and the connection task |
 //! | [`client`] | a `tether.v1` client for tests and the load tool |
+//! | [`bench`] | the load tool (`tether bench`): chat, idle and churn modes, protocol checks, reports |
 //! | [`server`] | assembly from [`config::Config`], serving, graceful shutdown |
 //! | [`metrics`] | every metric, Prometheus text format |
 //! | [`config`] | flags and `TETHER_*` variables, secrets |
@@ -27,6 +28,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod config;

@@ -1,4 +1,4 @@
-//! The `tether` binary: `serve` (default), `token`.
+//! The `tether` binary: `serve` (default), `token`, `bench`.
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -33,6 +33,8 @@ enum Cmd {
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: std::time::Duration,
     },
+    /// Load tool: chat, idle and churn modes against a running server (see BENCHMARKS.md).
+    Bench(tether::bench::BenchArgs),
 }
 
 fn init_logs(format: LogFormat) {
@@ -58,6 +60,14 @@ async fn main() -> anyhow::Result<()> {
             let auth = Auth::from_config(&cli.config).context("cannot load the JWT key")?;
             let token = auth.mint(&user, ttl).context("cannot mint the token")?;
             println!("{token}");
+            Ok(())
+        }
+        Some(Cmd::Bench(args)) => {
+            let passed = tether::bench::run(args, &cli.config).await?;
+            if !passed {
+                // The report is printed; the exit status tells scripts the checks failed.
+                std::process::exit(1);
+            }
             Ok(())
         }
         None | Some(Cmd::Serve) => {
