@@ -1,0 +1,270 @@
+//! The baseline for BENCHMARKS.md: a bare axum WebSocket server that speaks the same frames as
+//! Tether and nothing else.
+//!
+//! For every `user_message` it answers with the same eight frames as Tether (`ack`,
+//! `agent_started`, `agent_thinking`, `tool_executing`, `tool_completed`, two
+//! `agent_text_delta`, `agent_completed`), the same JSON shape (`seq`, `reply_to`, `run_id`,
+//! `thread_id`) built by the same functions, with a per-connection `seq` counter, and with the
+//! same WebSocket settings (4 KiB read buffer, no write buffer). There is no context, registry,
+//! store, broker or agent, and no authentication: any token is accepted and ignored. The
+//! difference between the two servers under `tether bench` is what Tether's machinery costs.
+//!
+//! ```sh
+//! cargo run --release --example baseline -- --listen 127.0.0.1:9201   # or BASELINE_LISTEN
+//! ```
+
+use std::net::SocketAddr;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use axum::routing::get;
+use axum::serve::ListenerExt as _;
+use axum::Router;
+use serde_json::json;
+use tether::protocol::{self, ClientRequest, FrameMeta};
+
+/// Frames and messages larger than this are refused, as Tether's default.
+const MAX_MESSAGE_BYTES: usize = 65_536;
+
+struct Options {
+    listen: SocketAddr,
+    /// TCP_NODELAY on accepted sockets. Off by default, because Tether does not set it either
+    /// (axum::serve's default); on, it shows what Nagle's algorithm costs.
+    nodelay: bool,
+}
+
+fn options() -> Result<Options, String> {
+    let mut args = std::env::args().skip(1);
+    let mut value = std::env::var("BASELINE_LISTEN").ok();
+    let mut nodelay = std::env::var("BASELINE_NODELAY").is_ok_and(|v| v == "1" || v == "true");
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--listen" => value = args.next(),
+            s if s.starts_with("--listen=") => value = Some(s["--listen=".len()..].to_string()),
+            "--nodelay" => nodelay = true,
+            "-h" | "--help" => {
+                println!(
+                    "baseline [--listen ADDR] [--nodelay]\n  \
+                     --listen   or BASELINE_LISTEN (default 127.0.0.1:9201)\n  \
+                     --nodelay  or BASELINE_NODELAY=1: set TCP_NODELAY (Tether does not)"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument '{other}'")),
+        }
+    }
+    let v = value.unwrap_or_else(|| "127.0.0.1:9201".into());
+    let listen = v.parse().map_err(|_| {
+        format!("--listen / BASELINE_LISTEN must be an address like 127.0.0.1:9201, got '{v}'")
+    })?;
+    Ok(Options { listen, nodelay })
+}
+
+#[tokio::main]
+async fn main() {
+    let opts = match options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("baseline: {e}");
+            std::process::exit(2);
+        }
+    };
+    let addr = opts.listen;
+    let app = Router::new()
+        .route("/ws", get(ws_handler))
+        .route("/healthz", get(|| async { "ok" }));
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("baseline: cannot listen on {addr}: {e}");
+            std::process::exit(1);
+        }
+    };
+    eprintln!(
+        "baseline listening on {addr} (TCP_NODELAY {})",
+        opts.nodelay
+    );
+    // Served like Tether serves (axum::serve, the same defaults), so only the handler differs.
+    let nodelay = opts.nodelay;
+    let listener = listener.tap_io(move |tcp| {
+        if nodelay {
+            let _ = tcp.set_nodelay(true);
+        }
+    });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(tether::server::shutdown_signal())
+        .await;
+    if let Err(e) = served {
+        eprintln!("baseline: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn ws_handler(ws: WebSocketUpgrade) -> Response {
+    ws.protocols([protocol::PROTOCOL])
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_MESSAGE_BYTES + 64 * 1024)
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(connection)
+}
+
+/// One connection: `connection_established`, then answer frames until the peer goes.
+async fn connection(mut socket: WebSocket) {
+    let (thread_id, run_id, request_id) =
+        tether::ids::generate_user_context_ids(tether::ids::OP_WEBSOCKET_SESSION);
+    let established = protocol::frame(
+        "connection_established",
+        meta(&thread_id, None, None, None),
+        &json!({
+            "connection_id": tether::ids::connection_id(),
+            "user_id": "baseline",
+            "thread_id": thread_id,
+            "run_id": run_id,
+            "request_id": request_id,
+            "server_time": protocol::now_rfc3339(),
+            "protocol": protocol::PROTOCOL,
+            "resumed": false,
+            "last_seq": 0,
+            "limits": {"max_message_bytes": MAX_MESSAGE_BYTES},
+        }),
+    );
+    if socket
+        .send(Message::Text(established.into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut seq = 0u64;
+    while let Some(Ok(msg)) = socket.recv().await {
+        let Message::Text(text) = msg else {
+            // Pings are answered by tungstenite; binary and close end the connection.
+            if matches!(msg, Message::Binary(_) | Message::Close(_)) {
+                return;
+            }
+            continue;
+        };
+        let frames = match protocol::parse_client_frame(text.as_str()) {
+            Ok(f) => match f.request {
+                ClientRequest::UserMessage { content } => {
+                    run_frames(&thread_id, &mut seq, f.id.as_deref(), &content)
+                }
+                ClientRequest::Ping => vec![protocol::frame(
+                    "pong",
+                    meta(&thread_id, None, None, f.id.as_deref()),
+                    &json!({"server_time": protocol::now_rfc3339()}),
+                )],
+                _ => vec![protocol::error_frame(
+                    &thread_id,
+                    f.id.as_deref(),
+                    protocol::ErrorCode::UnknownType,
+                    "the baseline answers user_message and ping only",
+                )],
+            },
+            Err(e) => vec![protocol::error_frame(
+                &thread_id,
+                e.id.as_deref(),
+                e.code,
+                &e.message,
+            )],
+        };
+        for f in frames {
+            // One write per frame, as Tether does (write buffer 0).
+            if socket.send(Message::Text(f.into())).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn meta<'a>(
+    thread_id: &'a str,
+    run_id: Option<&'a str>,
+    seq: Option<u64>,
+    reply_to: Option<&'a str>,
+) -> FrameMeta<'a> {
+    FrameMeta {
+        thread_id: Some(thread_id),
+        run_id,
+        seq,
+        reply_to,
+        ts_ms: None,
+    }
+}
+
+/// The eight frames Tether sends for a `user_message` with the demo agent, with the same
+/// contents (the reply echoes the message with a word count, streamed in two halves).
+fn run_frames(
+    thread_id: &str,
+    seq: &mut u64,
+    reply_to: Option<&str>,
+    content: &str,
+) -> Vec<String> {
+    let mut next = || {
+        *seq += 1;
+        Some(*seq)
+    };
+    let run_id = tether::ids::run_id(tether::ids::OP_AGENT_RUN);
+    let run = Some(run_id.as_str());
+    let user_message_id = tether::ids::message_id();
+    let reply_id = tether::ids::message_id();
+    let call = tether::ids::tool_call_id();
+    let started = std::time::Instant::now();
+    let count = tether::agent::word_count(content);
+    let words = count["words"].as_u64().unwrap_or(0);
+    let chars = count["characters"].as_u64().unwrap_or(0);
+    let reply = format!(
+        "(demo agent) You said: \"{content}\" ({words} word{}, {chars} character{}). I am a demo without a model; connect a real agent to get real answers.",
+        if words == 1 { "" } else { "s" },
+        if chars == 1 { "" } else { "s" },
+    );
+    let cut = reply
+        .char_indices()
+        .nth(reply.chars().count() / 2)
+        .map_or(reply.len(), |(i, _)| i);
+    let ack_seq = next();
+    let mut out = Vec::with_capacity(8);
+    out.push(protocol::frame(
+        "ack",
+        meta(thread_id, None, ack_seq, reply_to),
+        &json!({"message_id": user_message_id, "seq": ack_seq, "run_id": run_id}),
+    ));
+    out.push(protocol::frame(
+        "agent_started",
+        meta(thread_id, run, next(), reply_to),
+        &json!({"agent": "demo", "run_id": run_id}),
+    ));
+    out.push(protocol::frame(
+        "agent_thinking",
+        meta(thread_id, run, next(), reply_to),
+        &json!({"thought": "I am Tether's built-in demo agent, not an AI model: I will count the words of your message and echo it."}),
+    ));
+    out.push(protocol::frame(
+        "tool_executing",
+        meta(thread_id, run, next(), reply_to),
+        &json!({"tool": "word_count", "input": {"text": content}, "tool_call_id": call}),
+    ));
+    out.push(protocol::frame(
+        "tool_completed",
+        meta(thread_id, run, next(), reply_to),
+        &json!({"tool": "word_count", "output": count, "duration_ms": started.elapsed().as_millis() as u64, "tool_call_id": call}),
+    ));
+    out.push(protocol::frame(
+        "agent_text_delta",
+        meta(thread_id, run, None, reply_to),
+        &json!({"message_id": reply_id, "offset": 0, "delta": &reply[..cut]}),
+    ));
+    out.push(protocol::frame(
+        "agent_text_delta",
+        meta(thread_id, run, None, reply_to),
+        &json!({"message_id": reply_id, "offset": reply[..cut].chars().count(), "delta": &reply[cut..]}),
+    ));
+    out.push(protocol::frame(
+        "agent_completed",
+        meta(thread_id, run, next(), reply_to),
+        &json!({"message_id": reply_id, "content": reply, "duration_ms": started.elapsed().as_millis() as u64}),
+    ));
+    out
+}
