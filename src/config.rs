@@ -205,6 +205,10 @@ pub struct Config {
     #[arg(long, env = "TETHER_SHUTDOWN_GRACE_MS", default_value = "10000", value_parser = positive("TETHER_SHUTDOWN_GRACE_MS"), global = true)]
     pub shutdown_grace_ms: u64,
 
+    /// How long a client may take to send its HTTP request head, in ms (slowloris protection).
+    #[arg(long, env = "TETHER_HEADER_READ_TIMEOUT_MS", default_value = "10000", value_parser = positive("TETHER_HEADER_READ_TIMEOUT_MS"), global = true)]
+    pub header_read_timeout_ms: u64,
+
     /// This node's id in the audit table (rows it left open are closed at its next start).
     #[arg(long, env = "TETHER_NODE_ID", default_value = "local", global = true)]
     pub node_id: String,
@@ -246,6 +250,7 @@ impl Config {
             metrics_require_admin: false,
             dev_mode: false,
             shutdown_grace_ms: 5_000,
+            header_read_timeout_ms: 10_000,
             node_id: "local".into(),
             log_format: LogFormat::Human,
         }

@@ -127,13 +127,12 @@ impl Server {
     ) -> Result<(), ServerError> {
         let st = self.state;
         let http_stop = CancellationToken::new();
-        let app = router(st.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let stop = http_stop.clone();
-        let http = tokio::spawn(async move {
-            axum::serve(self.listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        });
+        let http = tokio::spawn(accept_loop(
+            self.listener,
+            router(st.clone()),
+            Duration::from_millis(st.config.header_read_timeout_ms),
+            http_stop.clone(),
+        ));
         let hk_state = st.clone();
         let housekeeping = tokio::spawn(async move {
             let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
@@ -160,16 +159,83 @@ impl Server {
             let _ = tokio::time::timeout(Duration::from_secs(2), st.tracker.wait()).await;
         }
         http_stop.cancel();
-        match tokio::time::timeout(Duration::from_secs(2), http).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server ended with an error"),
-            Ok(_) => {}
-            Err(_) => tracing::warn!("HTTP connections still open at exit"),
+        if tokio::time::timeout(Duration::from_secs(3), http)
+            .await
+            .is_err()
+        {
+            tracing::warn!("HTTP connections still open at exit");
         }
         housekeeping.abort();
         st.store.close().await;
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// Largest request head; more gets 431.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Accept TCP connections and serve HTTP/1.1 on each (WebSocket upgrades included) until
+/// `stop`, then let in-flight requests finish. Unlike `axum::serve`, this bounds how long a
+/// request head may take and how large it may be, so half-open handshakes cannot pile up.
+async fn accept_loop(
+    listener: TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt as _;
+
+    let conns = TaskTracker::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, typically: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                app.clone().oneshot(req)
+            });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .with_upgrades();
+        let stop = stop.clone();
+        conns.spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let res = tokio::select! {
+                res = conn.as_mut() => res,
+                _ = stop.cancelled() => {
+                    // Finish the request in flight, then close (keep-alive ends).
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    conns.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conns.wait()).await;
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -787,8 +787,8 @@ async fn huge_request_headers_get_431_and_others_are_unaffected() {
     ] {
         let status = http_exchange(&s.app, req).await;
         let status = status.unwrap_or_else(|| panic!("{what}: closed without an answer"));
-        // hyper refuses a request head over its buffer (about 400 KiB) or with more than 100
-        // headers before any of it reaches the application.
+        // hyper refuses a request head over its buffer (64 KiB, set in server.rs) or with more
+        // than 100 headers before any of it reaches the application.
         assert!(status.starts_with("HTTP/1.1 431"), "{what}: {status}");
         ping_pong(&mut s.bob, what).await;
     }
@@ -841,6 +841,29 @@ async fn a_handshake_trickled_byte_by_byte_does_not_hold_up_others() {
     drop(raw);
     s.attacker_released().await;
     s.others_unaffected().await;
+}
+
+#[tokio::test]
+async fn a_handshake_that_stalls_is_dropped_after_the_header_read_timeout() {
+    let app = spawn_with(|c| c.header_read_timeout_ms = 300).await;
+    let mut io = TcpStream::connect(app.addr).await.unwrap();
+    io.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgr")
+        .await
+        .unwrap();
+    // The server answers (408 or a bare close) and closes; a read then reaches EOF.
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a stalled handshake was kept open");
+    let (_c, est) = app.connect("bob").await;
+    assert_eq!(est["data"]["user_id"], "bob");
 }
 
 // ---------------------------------------------------------------------------------------------
