@@ -373,7 +373,10 @@ mod tests {
 
     #[test]
     fn longest_placeholder_is_up_to_date() {
-        assert_eq!(PLACEHOLDERS.iter().map(|p| p.len()).max(), Some(LONGEST_PLACEHOLDER));
+        assert_eq!(
+            PLACEHOLDERS.iter().map(|p| p.len()).max(),
+            Some(LONGEST_PLACEHOLDER)
+        );
     }
 
     #[test]
