@@ -844,6 +844,9 @@ impl Connection {
             last_sent_seq: 0,
         };
         let registered = conn.st.registry.register(&conn.ctx, handle);
+        if registered.is_ok() {
+            tracing::info!(isolation_key = %conn.ctx.isolation_key(), "connection accepted: registry slot taken");
+        }
         let _slot: RegistryGuard = match registered {
             Ok(g) => g,
             Err(limit) => {

@@ -228,7 +228,10 @@ impl Drop for RegistryGuard {
         let removed = self
             .inner
             .release(&self.user_id, &self.key, &self.connection_id);
-        if !removed {
+        // Runs inside the connection's span, so this line carries the same ids as its creation.
+        if removed {
+            tracing::info!(isolation_key = %self.key, "registry slot released");
+        } else {
             tracing::warn!(isolation_key = %self.key, "cleanup found no registry entry for its key");
         }
     }

@@ -157,3 +157,76 @@ async fn token_tool_and_server_agree_and_a_killed_servers_audit_rows_are_closed_
     assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn json_logs_follow_one_connection_by_its_id_and_never_show_the_token() {
+    let dir = temp_dir();
+    let port = free_port();
+    let log_path = dir.join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let tok = token(&dir, "alice");
+    let mut child = Command::new(BIN)
+        .env("TETHER_DATA_DIR", &dir)
+        .env("TETHER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("TETHER_AGENT_DELAY_MS", "0")
+        .env("TETHER_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    wait_ready(port).await;
+    let base = format!("ws://127.0.0.1:{port}");
+    let mut c = Client::connect(
+        &base,
+        &ConnectOptions {
+            token: Some(tok.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let est = c.next_json(T).await.unwrap();
+    let conn_id = est["data"]["connection_id"].as_str().unwrap().to_string();
+    let thread_id = est["data"]["thread_id"].as_str().unwrap().to_string();
+    c.send_json(&serde_json::json!({"type": "user_message", "id": "m", "data": {"content": "hi"}}))
+        .await
+        .unwrap();
+    c.until("agent_completed", T).await.unwrap();
+    c.close().await.unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!text.contains(&tok), "the token appears in the logs");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.contains(&conn_id))
+        .map(|l| serde_json::from_str(l).expect("every log line is JSON"))
+        .collect();
+    let messages: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l["fields"]["message"].as_str())
+        .collect();
+    for expected in [
+        "connection accepted: registry slot taken",
+        "connection opened",
+        "run started",
+        "run finished",
+        "connection closed",
+        "registry slot released",
+    ] {
+        assert!(
+            messages.contains(&expected),
+            "no '{expected}' line for {conn_id}: {messages:?}"
+        );
+    }
+    // Creation and cleanup carry the same ids.
+    for l in &lines {
+        assert_eq!(l["span"]["thread_id"], thread_id.as_str(), "{l}");
+        assert_eq!(l["span"]["user_id"], "alice");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
