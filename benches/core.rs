@@ -139,8 +139,8 @@ fn per_message(c: &mut Criterion) {
                 &data,
             );
             reg.deliver(a.isolation_key(), &OutFrame::new(1, out), None);
-            while rx1.try_recv().is_ok() {}
-            while rx2.try_recv().is_ok() {}
+            while rx1.try_recv().is_some() {}
+            while rx2.try_recv().is_some() {}
         })
     });
     g.finish();

@@ -45,7 +45,7 @@ use crate::context::{IsolationKey, ThreadChoice, UserExecutionContext};
 use crate::ids;
 use crate::metrics::{metrics, InKind, LiveGauges, MismatchSource, OutKind, Rejection};
 use crate::protocol::{self, ClientRequest, CloseReason, ErrorCode, FrameMeta};
-use crate::registry::{ConnHandle, ConnShared, OutFrame, Registry, RegistryGuard};
+use crate::registry::{ConnHandle, ConnShared, OutFrame, OutQueue, Registry, RegistryGuard};
 use crate::session::{AckTo, NewEvent, Role, SessionFactory, Write};
 use crate::store::Store;
 
@@ -951,7 +951,7 @@ impl Connection {
 
     async fn serve(
         &mut self,
-        rx: &mut tokio::sync::mpsc::Receiver<OutFrame>,
+        rx: &mut OutQueue,
         stream: &mut SplitStream<WebSocket>,
         since: Option<u64>,
         last_seq: u64,
@@ -982,10 +982,7 @@ impl Connection {
                         self.send(Message::Ping(Default::default())).await
                     }
                 }
-                out = rx.recv() => match out {
-                    Some(f) => self.forward(f).await,
-                    None => Err(End::Close(CloseReason::Internal)),
-                },
+                f = rx.recv() => self.forward(f).await,
                 msg = stream.next() => match msg {
                     None => Err(End::Lost(CloseReason::ProtocolError)),
                     Some(Err(e)) => Err(End::from_ws_error(e, self.st.config.max_message_bytes as usize)),

@@ -16,12 +16,13 @@
 //! entry, so the limit check and the insert are one atomic step under that shard's lock; no lock
 //! is ever held across an `.await` (delivery uses `try_send`).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::context::{IsolationKey, UserExecutionContext};
 use crate::metrics::{metrics, LimitKind, MismatchSource};
@@ -78,29 +79,51 @@ pub struct CloseRequest {
     pub reason: String,
 }
 
-/// State shared between a connection task and everyone who delivers to it.
-#[derive(Debug, Default)]
+/// State shared between a connection task and everyone who delivers to it: the bounded
+/// outbound queue and the close signal, under one small lock that is never held across an
+/// `.await`.
+///
+/// The queue is a `VecDeque` that allocates only while frames wait and gives its memory back
+/// once drained, so an idle connection's queue costs nothing (a channel would keep a block of
+/// slots per connection).
+#[derive(Debug)]
 pub struct ConnShared {
-    close: Mutex<Option<CloseRequest>>,
+    state: Mutex<SharedState>,
+    capacity: usize,
+    /// Frames are waiting.
+    ready: Notify,
+    /// A close was requested.
     notify: Notify,
 }
 
+#[derive(Debug, Default)]
+struct SharedState {
+    queue: VecDeque<OutFrame>,
+    close: Option<CloseRequest>,
+    /// The connection task is gone (its [`OutQueue`] was dropped).
+    receiver_gone: bool,
+}
+
 impl ConnShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SharedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Ask the connection to close; the first request wins.
     pub fn request_close(&self, code: u16, reason: impl Into<String>) {
-        let mut slot = self.close.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.is_none() {
-            *slot = Some(CloseRequest {
+        let mut st = self.lock();
+        if st.close.is_none() {
+            st.close = Some(CloseRequest {
                 code,
                 reason: reason.into(),
             });
-            drop(slot);
+            drop(st);
             self.notify.notify_one();
         }
     }
 
     pub fn close_requested(&self) -> Option<CloseRequest> {
-        self.close.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.lock().close.clone()
     }
 
     /// Resolves once a close was requested.
@@ -113,12 +136,56 @@ impl ConnShared {
             notified.await;
         }
     }
+
+    fn receiver_gone(&self) -> bool {
+        self.lock().receiver_gone
+    }
+}
+
+/// The receiving end of a connection's outbound queue, owned by the connection task. Dropping
+/// it marks the connection gone: later deliveries are refused and the queue is freed.
+#[derive(Debug)]
+pub struct OutQueue {
+    shared: Arc<ConnShared>,
+}
+
+impl OutQueue {
+    /// The next frame, waiting until one is queued.
+    pub async fn recv(&mut self) -> OutFrame {
+        loop {
+            {
+                let mut st = self.shared.lock();
+                if let Some(f) = st.queue.pop_front() {
+                    if st.queue.is_empty() && st.queue.capacity() > 8 {
+                        // A burst is over: give the memory back.
+                        st.queue = VecDeque::new();
+                    }
+                    return f;
+                }
+            }
+            // `notify_one` stores a permit when no one waits, so a frame queued between the
+            // check above and this await is not missed.
+            self.shared.ready.notified().await;
+        }
+    }
+
+    /// A frame if one is queued now.
+    pub fn try_recv(&mut self) -> Option<OutFrame> {
+        self.shared.lock().queue.pop_front()
+    }
+}
+
+impl Drop for OutQueue {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.receiver_gone = true;
+        st.queue = VecDeque::new();
+    }
 }
 
 /// The sending side of a connection: its bounded outbound queue and its close signal.
 #[derive(Debug, Clone)]
 pub struct ConnHandle {
-    tx: mpsc::Sender<OutFrame>,
     shared: Arc<ConnShared>,
 }
 
@@ -126,16 +193,22 @@ pub struct ConnHandle {
 pub const SLOW_CONSUMER_REASON: &str = "slow consumer: outbound queue overflowed";
 
 impl ConnHandle {
-    /// A handle and the receiving end the connection task reads from.
-    pub fn channel(capacity: usize) -> (Self, mpsc::Receiver<OutFrame>, Arc<ConnShared>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        let shared = Arc::new(ConnShared::default());
+    /// A handle and the receiving end the connection task reads from; the queue holds at most
+    /// `capacity` frames.
+    pub fn channel(capacity: usize) -> (Self, OutQueue, Arc<ConnShared>) {
+        let shared = Arc::new(ConnShared {
+            state: Mutex::new(SharedState::default()),
+            capacity: capacity.max(1),
+            ready: Notify::new(),
+            notify: Notify::new(),
+        });
         (
             Self {
-                tx,
                 shared: shared.clone(),
             },
-            rx,
+            OutQueue {
+                shared: shared.clone(),
+            },
             shared,
         )
     }
@@ -143,18 +216,27 @@ impl ConnHandle {
     /// Queue a frame without waiting. A full queue closes the connection with 4009 (unless the
     /// frame is droppable), so one slow client never slows delivery to others.
     pub fn deliver(&self, frame: OutFrame) -> bool {
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(frame)) => {
-                metrics().outbound_drops.inc();
-                if !frame.droppable && self.shared.close_requested().is_none() {
-                    metrics().slow_consumer_closes.inc();
-                    self.shared.request_close(4009, SLOW_CONSUMER_REASON);
-                }
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        let mut st = self.shared.lock();
+        if st.receiver_gone {
+            return false;
         }
+        if st.queue.len() >= self.shared.capacity {
+            metrics().outbound_drops.inc();
+            if !frame.droppable && st.close.is_none() {
+                metrics().slow_consumer_closes.inc();
+                st.close = Some(CloseRequest {
+                    code: 4009,
+                    reason: SLOW_CONSUMER_REASON.into(),
+                });
+                drop(st);
+                self.shared.notify.notify_one();
+            }
+            return false;
+        }
+        st.queue.push_back(frame);
+        drop(st);
+        self.shared.ready.notify_one();
+        true
     }
 
     pub fn request_close(&self, code: u16, reason: &str) {
@@ -175,7 +257,7 @@ struct ConnEntry {
 impl ConnEntry {
     /// The guard is gone, or the connection task is (its queue's receiver was dropped).
     fn orphaned(&self) -> bool {
-        self.alive.strong_count() == 0 || self.handle.tx.is_closed()
+        self.alive.strong_count() == 0 || self.handle.shared.receiver_gone()
     }
 }
 
@@ -592,7 +674,7 @@ mod tests {
         .unwrap()
     }
 
-    fn handle() -> (ConnHandle, mpsc::Receiver<OutFrame>) {
+    fn handle() -> (ConnHandle, OutQueue) {
         let (h, rx, _) = ConnHandle::channel(4);
         (h, rx)
     }
@@ -671,10 +753,10 @@ mod tests {
             Some(a.connection_id()),
         );
         assert_eq!(n, 1);
-        assert!(r1.try_recv().is_err());
+        assert!(r1.try_recv().is_none());
         assert_eq!(r2.try_recv().unwrap().seq, 1);
-        assert!(r3.try_recv().is_err());
-        assert!(r4.try_recv().is_err());
+        assert!(r3.try_recv().is_none());
+        assert!(r4.try_recv().is_none());
         assert_eq!(
             reg.deliver_to_user("alice", None, &OutFrame::new(0, "y")),
             3
@@ -687,7 +769,7 @@ mod tests {
             ),
             1
         );
-        assert!(r4.try_recv().is_err());
+        assert!(r4.try_recv().is_none());
     }
 
     #[test]
