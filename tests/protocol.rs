@@ -636,3 +636,42 @@ async fn events_survive_a_restart() {
     assert_eq!(seqs(&live)[0], 7);
     let _ = Duration::ZERO;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_others_are_unaffected() {
+    let app = spawn_with(|c| c.outbound_queue = 8).await;
+    // A raw client with a tiny receive buffer that upgrades and then never reads.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = sock.connect(app.addr).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    let req = format!(
+        "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        app.token("stalled")
+    );
+    stalled.write_all(req.as_bytes()).await.unwrap();
+    let (mut bob, _) = app.connect("bob").await;
+    app.wait_stats("the stalled client registered", |s| s["connections"] == 2)
+        .await;
+    let http = reqwest::Client::new();
+    let big = "x".repeat(60_000);
+    let mut published = 0;
+    // Publish until the server gives up on the stalled client (bounded).
+    while app.state.registry.get_user_connection_count("stalled") > 0 {
+        assert!(published < 2000, "never closed as a slow consumer");
+        http.post(app.http("/api/users/stalled/events"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"type": "bulk", "data": {"blob": big}}))
+            .send()
+            .await
+            .unwrap();
+        published += 1;
+    }
+    assert!(tether::metrics::metrics().slow_consumer_closes.get() >= 1);
+    // Bob is served as before.
+    bob.send_json(&json!({"type": "ping", "id": "still"}))
+        .await
+        .unwrap();
+    assert_eq!(bob.next_json(T).await.unwrap()["reply_to"], "still");
+    drop(stalled);
+}
