@@ -675,3 +675,32 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_others_are
     assert_eq!(bob.next_json(T).await.unwrap()["reply_to"], "still");
     drop(stalled);
 }
+
+#[tokio::test]
+async fn the_per_ip_connection_rate_answers_429() {
+    let app = spawn_with(|c| c.connect_rate_per_ip = 2).await;
+    let mut refused = 0;
+    for _ in 0..10 {
+        match Client::connect(
+            &app.ws_base(),
+            &ConnectOptions {
+                token: Some(app.token("alice")),
+                ..Default::default()
+            },
+        )
+        .await
+        {
+            Err(tether::client::ClientError::Ws(tether::client::WsError::Http(resp))) => {
+                assert_eq!(resp.status(), 429);
+                let body: serde_json::Value =
+                    serde_json::from_slice(resp.body().as_ref().unwrap()).unwrap();
+                assert_eq!(body["error"]["code"], "rate_limited");
+                refused += 1;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // Ten attempts span at most two one-second windows: at most 4 get through.
+    assert!(refused >= 6, "refused {refused}");
+}
