@@ -554,7 +554,9 @@ async fn writer_loop(
                 if conn.ping().await.is_err() {
                     match sqlx::AnyConnection::connect(&url).await {
                         Ok(c) => conn = c,
-                        Err(e) => tracing::error!(error = %StoreError::from(e), "store writer cannot reconnect"),
+                        Err(e) => {
+                            tracing::error!(error = %StoreError::from(e), "store writer cannot reconnect")
+                        }
                     }
                 }
                 let mut results = Vec::with_capacity(batch.len());
@@ -633,7 +635,11 @@ fn inline_table(cols: &[(&str, &str)], rows: usize, first: usize) -> String {
     let mut sql = String::from("(");
     let mut n = first;
     for r in 0..rows {
-        sql.push_str(if r == 0 { "SELECT " } else { " UNION ALL SELECT " });
+        sql.push_str(if r == 0 {
+            "SELECT "
+        } else {
+            " UNION ALL SELECT "
+        });
         for (i, (name, ty)) in cols.iter().enumerate() {
             if i > 0 {
                 sql.push_str(", ");
@@ -709,22 +715,39 @@ async fn write_batch(
     let new_threads: Vec<&UserExecutionContext> = ops
         .iter()
         .filter_map(|op| match op {
-            Op::Session { ctx, writes, .. } if writes.iter().any(|w| matches!(w, Write::CreateThread)) => Some(ctx),
+            Op::Session { ctx, writes, .. }
+                if writes.iter().any(|w| matches!(w, Write::CreateThread)) =>
+            {
+                Some(ctx)
+            }
             _ => None,
         })
         .collect();
     execute_chunks!(
         tx,
         new_threads,
-        |n| values_sql("INSERT INTO threads (thread_id, user_id, created_at, updated_at, last_seq) VALUES ", 5, n, 1),
-        |q, ctx| q.bind(ctx.thread_id()).bind(ctx.user_id()).bind(now).bind(now).bind(0i64),
+        |n| values_sql(
+            "INSERT INTO threads (thread_id, user_id, created_at, updated_at, last_seq) VALUES ",
+            5,
+            n,
+            1
+        ),
+        |q, ctx| q
+            .bind(ctx.thread_id())
+            .bind(ctx.user_id())
+            .bind(now)
+            .bind(now)
+            .bind(0i64),
     );
 
     // 2. Reserve seqs: events per (thread, user), in order of first appearance.
     let mut wanted: Vec<(&str, &str, i64)> = Vec::new();
     for op in ops {
         if let Op::Session { ctx, writes, .. } = op {
-            let n = writes.iter().filter(|w| matches!(w, Write::Event(_))).count() as i64;
+            let n = writes
+                .iter()
+                .filter(|w| matches!(w, Write::Event(_)))
+                .count() as i64;
             if n == 0 {
                 continue;
             }
@@ -736,7 +759,8 @@ async fn write_batch(
         }
     }
     // Next seq to hand out, per thread (with the user it was reserved for).
-    let mut next: std::collections::HashMap<&str, (&str, u64)> = std::collections::HashMap::with_capacity(wanted.len());
+    let mut next: std::collections::HashMap<&str, (&str, u64)> =
+        std::collections::HashMap::with_capacity(wanted.len());
     for chunk in wanted.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "UPDATE threads SET last_seq = last_seq + v.n, updated_at = $1 FROM {} \
@@ -781,7 +805,9 @@ async fn write_batch(
                     match w {
                         Write::CreateThread => {}
                         Write::Event(ev) => {
-                            let Some(slot) = seq_slot.as_deref_mut() else { continue };
+                            let Some(slot) = seq_slot.as_deref_mut() else {
+                                continue;
+                            };
                             let seq = *slot;
                             *slot += 1;
                             let text = event_frame(ctx, ev, seq, now as u64);
@@ -800,7 +826,11 @@ async fn write_batch(
                                 );
                                 (ctx.connection_id_arc().clone(), OutFrame::new(seq, ack))
                             });
-                            applied.deliveries.push(Delivery::thread(ctx, OutFrame::new(seq, text.as_str()), ack));
+                            applied.deliveries.push(Delivery::thread(
+                                ctx,
+                                OutFrame::new(seq, text.as_str()),
+                                ack,
+                            ));
                             events.push(EventRow {
                                 thread_id: ctx.thread_id(),
                                 seq: seq as i64,
@@ -862,8 +892,19 @@ async fn write_batch(
     execute_chunks!(
         tx,
         events,
-        |n| values_sql("INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ", 6, n, 1),
-        |q, e| q.bind(e.thread_id).bind(e.seq).bind(e.kind).bind(e.run_id).bind(now).bind(e.frame.as_str()),
+        |n| values_sql(
+            "INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ",
+            6,
+            n,
+            1
+        ),
+        |q, e| q
+            .bind(e.thread_id)
+            .bind(e.seq)
+            .bind(e.kind)
+            .bind(e.run_id)
+            .bind(now)
+            .bind(e.frame.as_str()),
     );
     execute_chunks!(
         tx,
@@ -916,7 +957,11 @@ async fn write_batch(
         );
         let mut q = sqlx::query(&sql).persistent(chunk.len() <= 4).bind(now);
         for f in chunk {
-            q = q.bind(f.run_id).bind(f.status).bind(f.duration_ms).bind(f.error_code);
+            q = q
+                .bind(f.run_id)
+                .bind(f.status)
+                .bind(f.duration_ms)
+                .bind(f.error_code);
         }
         q.execute(&mut *tx).await?;
     }
@@ -979,7 +1024,12 @@ mod tests {
     use crate::session::{NewEvent, SessionFactory};
 
     fn ctx(user: &str) -> UserExecutionContext {
-        UserExecutionContext::from_websocket_request(user, &crate::ids::connection_id(), ThreadChoice::New).unwrap()
+        UserExecutionContext::from_websocket_request(
+            user,
+            &crate::ids::connection_id(),
+            ThreadChoice::New,
+        )
+        .unwrap()
     }
 
     fn event(n: u64) -> Write {
@@ -993,12 +1043,18 @@ mod tests {
     }
 
     async fn store() -> (Arc<SqlStore>, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("tether-store-{}", crate::ids::connection_id()));
+        let dir =
+            std::env::temp_dir().join(format!("tether-store-{}", crate::ids::connection_id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut opts = StoreOptions::sqlite_in(&dir);
         opts.sqlite_synchronous = "NORMAL".into();
         let reg = Registry::new(Limits::default());
-        (SqlStore::open(opts, Arc::new(LocalBroker::new(reg))).await.unwrap(), dir)
+        (
+            SqlStore::open(opts, Arc::new(LocalBroker::new(reg)))
+                .await
+                .unwrap(),
+            dir,
+        )
     }
 
     #[tokio::test]
@@ -1034,11 +1090,20 @@ mod tests {
             all.extend(r.await.unwrap().unwrap());
         }
         assert_eq!(all, (1..=100).collect::<Vec<u64>>());
-        assert!(matches!(ghost.await.unwrap(), Err(StoreError::ThreadNotFound)));
-        assert!(matches!(intruder.await.unwrap(), Err(StoreError::ThreadNotFound)));
+        assert!(matches!(
+            ghost.await.unwrap(),
+            Err(StoreError::ThreadNotFound)
+        ));
+        assert!(matches!(
+            intruder.await.unwrap(),
+            Err(StoreError::ThreadNotFound)
+        ));
         let page = store.events_since(a.thread_id(), 98, 10).await.unwrap();
         assert_eq!(page.last_seq, 100);
-        assert_eq!(page.events.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![99, 100]);
+        assert_eq!(
+            page.events.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![99, 100]
+        );
         store.close().await;
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -1051,7 +1116,11 @@ mod tests {
         let mut s = sessions.create_session_from_context(&a);
         s.stage(Write::CreateThread);
         drop(s);
-        assert!(store.find_thread("alice", a.thread_id()).await.unwrap().is_none());
+        assert!(store
+            .find_thread("alice", a.thread_id())
+            .await
+            .unwrap()
+            .is_none());
         store.close().await;
         let _ = std::fs::remove_dir_all(dir);
     }
