@@ -682,8 +682,11 @@ enum End {
     Close(CloseReason),
     /// The client sent a close frame with this code.
     ClientClosed(u16, String),
-    /// The socket died (reset, EOF without close) or stalled: nothing can be sent.
-    Lost(CloseReason),
+    /// The socket died (reset, EOF without close frame): nothing can be sent.
+    Lost,
+    /// The server meant to close with this reason but the peer stopped reading, so the
+    /// connection is dropped without a close frame.
+    Dropped(CloseReason),
 }
 
 impl End {
@@ -697,12 +700,10 @@ impl End {
                 WsError::Capacity(_) => End::Close(CloseReason::TooBig { max }),
                 WsError::Protocol(_) => End::Close(CloseReason::ProtocolError),
                 WsError::Utf8(_) => End::Close(CloseReason::InvalidUtf8),
-                WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => {
-                    End::Lost(CloseReason::ProtocolError)
-                }
+                WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => End::Lost,
                 _ => End::Close(CloseReason::ProtocolError),
             },
-            Err(_) => End::Lost(CloseReason::Internal),
+            Err(_) => End::Lost,
         }
     }
 
@@ -712,12 +713,11 @@ impl End {
         match self {
             End::Close(r) => (r.code(), r.reason()),
             End::ClientClosed(code, reason) => (*code, reason.clone()),
-            End::Lost(r) => match r {
-                CloseReason::SlowConsumer => {
-                    (r.code(), format!("{} (peer not reading)", r.reason()))
-                }
-                _ => (1006, "connection lost without close frame".into()),
-            },
+            End::Lost => (1006, "connection lost without close frame".into()),
+            End::Dropped(r) => (
+                r.code(),
+                format!("{} (peer not reading; no close frame)", r.reason()),
+            ),
         }
     }
 
@@ -790,6 +790,9 @@ impl RateLimiter {
 
 /// How long one write may block before the peer counts as stalled.
 const WRITE_STALL: Duration = Duration::from_secs(10);
+
+/// How long a pending write may still take once a close was requested.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// How long the socket is kept after a close frame the server sent (see [`linger`]).
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
@@ -913,16 +916,27 @@ impl Connection {
         .await;
     }
 
-    /// Send one frame; gives up if the peer stalls or the server asks to close meanwhile.
+    /// Send one frame. A write that cannot finish within [`WRITE_STALL`] means the peer stopped
+    /// reading. If a close is requested while the write is pending (queue overflow, admin
+    /// disconnect), the write gets [`CLOSE_GRACE`] more to finish, so the close frame can
+    /// follow it; otherwise the connection is dropped at once, without a close frame.
     async fn send(&mut self, msg: Message) -> Result<(), End> {
         let shared = self.shared.clone();
+        let write = tokio::time::timeout(WRITE_STALL, self.sink.send(msg));
+        tokio::pin!(write);
+        let stalled = |r: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>| match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Lost),
+            Err(_) => Err(End::Dropped(CloseReason::SlowConsumer)),
+        };
         tokio::select! {
-            r = tokio::time::timeout(WRITE_STALL, self.sink.send(msg)) => match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(_)) => Err(End::Lost(CloseReason::Internal)),
-                Err(_) => Err(End::Lost(CloseReason::SlowConsumer)),
+            biased;
+            r = &mut write => stalled(r),
+            req = shared.closed() => match tokio::time::timeout(CLOSE_GRACE, &mut write).await {
+                // Written: the frame loop sees the close request next and sends the close frame.
+                Ok(r) => stalled(r),
+                Err(_) => Err(End::Dropped(CloseReason::from_request(req.code, &req.reason))),
             },
-            req = shared.closed() => Err(End::Lost(CloseReason::from_request(req.code, &req.reason))),
         }
     }
 
@@ -984,7 +998,7 @@ impl Connection {
                 }
                 f = rx.recv() => self.forward(f).await,
                 msg = stream.next() => match msg {
-                    None => Err(End::Lost(CloseReason::ProtocolError)),
+                    None => Err(End::Lost),
                     Some(Err(e)) => Err(End::from_ws_error(e, self.st.config.max_message_bytes as usize)),
                     Some(Ok(Message::Text(t))) => self.on_text(t.as_str()).await,
                     Some(Ok(Message::Binary(_))) => Err(End::Close(CloseReason::Binary)),

@@ -123,12 +123,12 @@ impl CloseReason {
         truncate_utf8(s, 123)
     }
 
-    /// The reason for a close another component asked for by code (registry requests).
-    pub fn from_request(code: u16, reason: &str) -> Self {
+    /// The reason for a close another component asked for by code (registry requests: queue
+    /// overflow, admin disconnect, shutdown).
+    pub fn from_request(code: u16, _reason: &str) -> Self {
         match code {
             4009 => Self::SlowConsumer,
             1001 => Self::ShuttingDown,
-            1008 if reason == "disconnected by server" => Self::DisconnectedByServer,
             _ => Self::DisconnectedByServer,
         }
     }
