@@ -177,8 +177,9 @@ pub struct ChurnArgs {
     /// Users the cycles are spread over.
     #[arg(long, default_value_t = 100)]
     pub users: u64,
-    /// Cycles before the measured ones, after which the warm baseline is taken
-    /// (default: a tenth of --cycles, at most 1000).
+    /// Cycles before the measured ones, after which the warm baseline is taken (default: a
+    /// tenth of --cycles, at most 20,000: SQLite's page cache takes ~10,000 cycles to fill,
+    /// and a shorter warm-up shows that growth as if it were a leak).
     #[arg(long)]
     pub warmup_cycles: Option<u64>,
     /// How long /api/stats may take to come back to zero.
@@ -2047,7 +2048,7 @@ pub async fn churn(target: &Target, args: &ChurnArgs) -> anyhow::Result<ChurnRep
     if check_stats && target.admin_token.is_none() {
         bail!("churn polls /api/stats: set TETHER_ADMIN_TOKEN (or --data-dir of the server), or pass --no-stats");
     }
-    let warmup = args.warmup_cycles.unwrap_or((args.cycles / 10).min(1000));
+    let warmup = args.warmup_cycles.unwrap_or((args.cycles / 10).min(20_000));
     let users = args.users.max(1);
     let tokens = Tokens::mint(target, users)?;
     let spread = spread_on(args.spread, &target.addr, args.cycles + warmup);
