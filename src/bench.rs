@@ -516,11 +516,11 @@ struct Progress {
 }
 
 impl Progress {
-    /// `state` returns (done, total, extra text).
+    /// `state` returns the fraction done (0 to 1) and a text such as "1200/5000 runs".
     fn start(
         enabled: bool,
         label: &'static str,
-        state: impl Fn() -> (u64, u64, String) + Send + 'static,
+        state: impl Fn() -> (f64, String) + Send + 'static,
     ) -> Self {
         let stop = CancellationToken::new();
         if !enabled {
@@ -534,12 +534,11 @@ impl Progress {
                 tokio::select! {
                     _ = s.cancelled() => break,
                     _ = tick.tick() => {
-                        let (done, total, extra) = state();
-                        let frac = if total == 0 { 0.0 } else { (done as f64 / total as f64).min(1.0) };
+                        let (frac, text) = state();
                         let width = 30;
-                        let filled = (frac * width as f64) as usize;
+                        let filled = (frac.clamp(0.0, 1.0) * width as f64) as usize;
                         let line = format!(
-                            "\r\x1b[2K{label} [{}{}] {done}/{total} {:>5.1}s {extra}",
+                            "\r\x1b[2K{label} [{}{}] {:>5.1}s {text}",
                             "#".repeat(filled),
                             "-".repeat(width - filled),
                             started.elapsed().as_secs_f64()
@@ -1198,20 +1197,20 @@ pub async fn chat(target: &Target, args: &ChatArgs) -> anyhow::Result<ChatReport
             let done = completed.load(Ordering::Relaxed);
             let elapsed = started.elapsed().as_secs_f64();
             let extra = format!(
-                "runs {:>8.0}/s  errors {}  violations {}",
+                "{:.0} runs/s  errors {}  violations {}",
                 done as f64 / elapsed.max(0.001),
                 tally.error_total(),
                 tally.violations.load(Ordering::Relaxed)
             );
-            match (expected, duration) {
-                (Some(total), _) => (done, total, extra),
-                (None, Some(d)) => (
-                    (elapsed * 1000.0) as u64,
-                    d.as_millis() as u64,
-                    format!("{done} runs, {extra}"),
-                ),
-                (None, None) => (done, 0, extra),
-            }
+            // With both a count and a duration, whichever is further along.
+            let by_count = expected.map(|t| done as f64 / t.max(1) as f64);
+            let by_time = duration.map(|d| elapsed / d.as_secs_f64().max(0.001));
+            let frac = by_count.into_iter().chain(by_time).fold(0.0, f64::max);
+            let runs = match expected {
+                Some(total) => format!("{done}/{total} runs"),
+                None => format!("{done} runs"),
+            };
+            (frac, format!("{runs}  {extra}"))
         })
     };
     let server_cpu0 = target.server_pid.and_then(cpu_seconds);
@@ -1607,7 +1606,11 @@ pub async fn idle(target: &Target, args: &IdleArgs) -> anyhow::Result<IdleReport
         let n = progress_n.clone();
         let total = args.connections;
         Progress::start(progress_enabled(&args.common), "idle", move || {
-            (n.load(Ordering::Relaxed), total, "connecting".into())
+            let n = n.load(Ordering::Relaxed);
+            (
+                n as f64 / total as f64,
+                format!("{n}/{total} connected or failed"),
+            )
         })
     };
     let started = Instant::now();
@@ -2082,7 +2085,10 @@ pub async fn churn(target: &Target, args: &ChurnArgs) -> anyhow::Result<ChurnRep
         Progress::start(progress_on, "churn", move || {
             let ok = counts.ok.load(Ordering::Relaxed);
             let errors = tally.error_total();
-            (ok + errors, total, format!("errors {errors}"))
+            (
+                (ok + errors) as f64 / total as f64,
+                format!("{}/{total} cycles  errors {errors}", ok + errors),
+            )
         })
     };
     let started = Instant::now();
