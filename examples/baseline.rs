@@ -28,25 +28,27 @@ const MAX_MESSAGE_BYTES: usize = 65_536;
 
 struct Options {
     listen: SocketAddr,
-    /// TCP_NODELAY on accepted sockets. Off by default, because Tether does not set it either
-    /// (axum::serve's default); on, it shows what Nagle's algorithm costs.
+    /// TCP_NODELAY on accepted sockets: on by default, as Tether's accept loop sets it; off
+    /// (`--nagle`) shows what Nagle's algorithm against delayed ACKs costs (~40 ms per reply).
     nodelay: bool,
 }
 
 fn options() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
     let mut value = std::env::var("BASELINE_LISTEN").ok();
-    let mut nodelay = std::env::var("BASELINE_NODELAY").is_ok_and(|v| v == "1" || v == "true");
+    let mut nodelay = std::env::var("BASELINE_NODELAY").map_or(true, |v| v != "0" && v != "false");
     while let Some(a) = args.next() {
         match a.as_str() {
             "--listen" => value = args.next(),
             s if s.starts_with("--listen=") => value = Some(s["--listen=".len()..].to_string()),
             "--nodelay" => nodelay = true,
+            "--nagle" => nodelay = false,
             "-h" | "--help" => {
                 println!(
-                    "baseline [--listen ADDR] [--nodelay]\n  \
+                    "baseline [--listen ADDR] [--nagle]\n  \
                      --listen   or BASELINE_LISTEN (default 127.0.0.1:9201)\n  \
-                     --nodelay  or BASELINE_NODELAY=1: set TCP_NODELAY (Tether does not)"
+                     --nagle    or BASELINE_NODELAY=0: leave Nagle's algorithm on (TCP_NODELAY\n             \
+                     is set by default, as Tether does)"
                 );
                 std::process::exit(0);
             }
@@ -84,7 +86,9 @@ async fn main() {
         "baseline listening on {addr} (TCP_NODELAY {})",
         opts.nodelay
     );
-    // Served like Tether serves (axum::serve, the same defaults), so only the handler differs.
+    // axum::serve with TCP_NODELAY: Tether runs its own HTTP/1.1 accept loop (header-read
+    // timeout, head size limit) on hyper, with TCP_NODELAY; the upgrade and the WebSocket
+    // settings are the same, so the handler is what differs.
     let nodelay = opts.nodelay;
     let listener = listener.tap_io(move |tcp| {
         if nodelay {
