@@ -189,6 +189,11 @@ pub struct Config {
     #[arg(long, env = "TETHER_OUTBOUND_QUEUE", default_value = "256", value_parser = positive("TETHER_OUTBOUND_QUEUE"), global = true)]
     pub outbound_queue: u64,
 
+    /// WebSocket read buffer per connection, in bytes. Small keeps idle connections cheap;
+    /// frames larger than it are read in several steps (and need no more memory than their size).
+    #[arg(long, env = "TETHER_WS_READ_BUFFER_BYTES", default_value = "256", value_parser = positive("TETHER_WS_READ_BUFFER_BYTES"), global = true)]
+    pub ws_read_buffer_bytes: u64,
+
     /// Accept `?token=` on /ws (for clients that cannot set headers).
     #[arg(long, env = "TETHER_ALLOW_QUERY_TOKEN", default_value = "true", action = clap::ArgAction::Set, global = true)]
     pub allow_query_token: bool,
@@ -246,6 +251,7 @@ impl Config {
             heartbeat_interval_ms: 25_000,
             pong_timeout_ms: 10_000,
             outbound_queue: 256,
+            ws_read_buffer_bytes: 256,
             allow_query_token: true,
             metrics_require_admin: false,
             dev_mode: false,

@@ -651,7 +651,7 @@ async fn ws_handler(
     let max = st.config.max_message_bytes as usize;
     let tracker = st.tracker.clone();
     ws.protocols([protocol::PROTOCOL])
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(st.config.ws_read_buffer_bytes as usize)
         .write_buffer_size(0)
         .max_write_buffer_size(max + 64 * 1024)
         .max_message_size(max)
@@ -856,22 +856,22 @@ impl Connection {
                 tracing::warn!(reason = %limit, "connection refused: per-user limit");
                 let reason = CloseReason::UserLimit(limit.to_string());
                 metrics().connection_closed(reason.code());
-                conn.close(&reason).await;
-                linger(&mut stream).await;
+                Box::pin(conn.close(&reason)).await;
+                Box::pin(linger(&mut stream)).await;
                 return;
             }
         };
         if !conn.ctx.resumed() {
             let mut session = conn.st.sessions.create_session_from_context(&conn.ctx);
             session.stage(Write::CreateThread);
-            if let Err(e) = session.commit().await {
+            if let Err(e) = Box::pin(session.commit()).await {
                 tracing::error!(error = %e, "cannot create the thread");
                 metrics().connection_closed(1011);
                 conn.close(&CloseReason::Internal).await;
                 return;
             }
         }
-        if let Err(e) = conn.st.store.audit_open(&conn.ctx).await {
+        if let Err(e) = Box::pin(conn.st.store.audit_open(&conn.ctx)).await {
             tracing::error!(error = %e, "cannot open the audit row");
             metrics().connection_closed(1011);
             conn.close(&CloseReason::Internal).await;
@@ -887,10 +887,14 @@ impl Connection {
         let end = conn.serve(&mut rx, &mut stream, since, last_seq).await;
         let server_closed = end.close_reason().is_some();
         if let Some(reason) = end.close_reason() {
-            conn.close(reason).await;
+            Box::pin(conn.close(reason)).await;
         } else if let End::ClientClosed(..) = end {
             // Complete the close handshake (tungstenite queued the echo).
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn.sink.close()).await;
+            let _ = Box::pin(tokio::time::timeout(
+                Duration::from_secs(1),
+                conn.sink.close(),
+            ))
+            .await;
         }
         let (code, reason) = end.recorded();
         tracing::info!(code, reason = %reason, "connection closed");
@@ -899,7 +903,7 @@ impl Connection {
         drop(audit);
         drop(_slot);
         if server_closed {
-            linger(&mut stream).await;
+            Box::pin(linger(&mut stream)).await;
         }
     }
 
@@ -970,7 +974,10 @@ impl Connection {
         since: Option<u64>,
         last_seq: u64,
     ) -> End {
-        match self.start(since, last_seq).await {
+        // Every await but the idle `select!` is boxed: an async fn's state is as large as its
+        // largest await point, and each idle connection would otherwise carry the (rarely live)
+        // state of sends, replays and message handling. Memory per idle connection is a target.
+        match Box::pin(self.start(since, last_seq)).await {
             Ok(()) => {}
             Err(end) => return end,
         }
@@ -993,14 +1000,14 @@ impl Connection {
                     } else {
                         ping_sent = Some(tokio::time::Instant::now());
                         next_ping = tokio::time::Instant::now() + hb_interval;
-                        self.send(Message::Ping(Default::default())).await
+                        Box::pin(self.send(Message::Ping(Default::default()))).await
                     }
                 }
-                f = rx.recv() => self.forward(f).await,
+                f = rx.recv() => Box::pin(self.forward(f)).await,
                 msg = stream.next() => match msg {
                     None => Err(End::Lost),
                     Some(Err(e)) => Err(End::from_ws_error(e, self.st.config.max_message_bytes as usize)),
-                    Some(Ok(Message::Text(t))) => self.on_text(t.as_str()).await,
+                    Some(Ok(Message::Text(t))) => Box::pin(self.on_text(t.as_str())).await,
                     Some(Ok(Message::Binary(_))) => Err(End::Close(CloseReason::Binary)),
                     Some(Ok(Message::Ping(_))) => match self.rate.check() {
                         Err(()) => Err(End::Close(CloseReason::RateLimited { per_second: self.st.config.message_rate as u32 })),
