@@ -5,9 +5,10 @@
 //! `agent_started`, `agent_thinking`, `tool_executing`, `tool_completed`, two
 //! `agent_text_delta`, `agent_completed`), the same JSON shape (`seq`, `reply_to`, `run_id`,
 //! `thread_id`) built by the same functions, with a per-connection `seq` counter, and with the
-//! same WebSocket settings (4 KiB read buffer, no write buffer). There is no context, registry,
-//! store, broker or agent, and no authentication: any token is accepted and ignored. The
-//! difference between the two servers under `tether bench` is what Tether's machinery costs.
+//! same WebSocket settings (no write buffer; a 4 KiB read buffer by default, `--read-buffer` to
+//! match `TETHER_WS_READ_BUFFER_BYTES`). There is no context, registry, store, broker or agent,
+//! and no authentication: any token is accepted and ignored. The difference between the two
+//! servers under `tether bench` is what Tether's machinery costs.
 //!
 //! ```sh
 //! cargo run --release --example baseline -- --listen 127.0.0.1:9201   # or BASELINE_LISTEN
@@ -16,6 +17,7 @@
 use std::net::SocketAddr;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
 use axum::response::Response;
 use axum::routing::get;
 use axum::serve::ListenerExt as _;
@@ -31,22 +33,28 @@ struct Options {
     /// TCP_NODELAY on accepted sockets: on by default, as Tether's accept loop sets it; off
     /// (`--nagle`) shows what Nagle's algorithm against delayed ACKs costs (~40 ms per reply).
     nodelay: bool,
+    /// WebSocket read buffer per connection: 4 KiB by default (Tether's setting until
+    /// `f2adf1f`; it now defaults to 256 bytes, `TETHER_WS_READ_BUFFER_BYTES`).
+    read_buffer: usize,
 }
 
 fn options() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
     let mut value = std::env::var("BASELINE_LISTEN").ok();
     let mut nodelay = std::env::var("BASELINE_NODELAY").map_or(true, |v| v != "0" && v != "false");
+    let mut read_buffer = std::env::var("BASELINE_READ_BUFFER").ok();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--listen" => value = args.next(),
             s if s.starts_with("--listen=") => value = Some(s["--listen=".len()..].to_string()),
             "--nodelay" => nodelay = true,
             "--nagle" => nodelay = false,
+            "--read-buffer" => read_buffer = args.next(),
             "-h" | "--help" => {
                 println!(
-                    "baseline [--listen ADDR] [--nagle]\n  \
-                     --listen   or BASELINE_LISTEN (default 127.0.0.1:9201)\n  \
+                    "baseline [--listen ADDR] [--nagle] [--read-buffer BYTES]\n  \
+                     --listen       or BASELINE_LISTEN (default 127.0.0.1:9201)\n  \
+                     --read-buffer  or BASELINE_READ_BUFFER: WebSocket read buffer (default 4096)\n  \
                      --nagle    or BASELINE_NODELAY=0: leave Nagle's algorithm on (TCP_NODELAY\n             \
                      is set by default, as Tether does)"
                 );
@@ -59,7 +67,22 @@ fn options() -> Result<Options, String> {
     let listen = v.parse().map_err(|_| {
         format!("--listen / BASELINE_LISTEN must be an address like 127.0.0.1:9201, got '{v}'")
     })?;
-    Ok(Options { listen, nodelay })
+    let read_buffer = match read_buffer {
+        None => 4096,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                return Err(format!(
+                    "--read-buffer must be a positive number of bytes, got '{v}'"
+                ))
+            }
+        },
+    };
+    Ok(Options {
+        listen,
+        nodelay,
+        read_buffer,
+    })
 }
 
 #[tokio::main]
@@ -74,7 +97,8 @@ async fn main() {
     let addr = opts.listen;
     let app = Router::new()
         .route("/ws", get(ws_handler))
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(opts.read_buffer);
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -83,8 +107,8 @@ async fn main() {
         }
     };
     eprintln!(
-        "baseline listening on {addr} (TCP_NODELAY {})",
-        opts.nodelay
+        "baseline listening on {addr} (TCP_NODELAY {}, read buffer {} bytes)",
+        opts.nodelay, opts.read_buffer
     );
     // axum::serve with TCP_NODELAY: Tether runs its own HTTP/1.1 accept loop (header-read
     // timeout, head size limit) on hyper, with TCP_NODELAY; the upgrade and the WebSocket
@@ -104,9 +128,9 @@ async fn main() {
     }
 }
 
-async fn ws_handler(ws: WebSocketUpgrade) -> Response {
+async fn ws_handler(State(read_buffer): State<usize>, ws: WebSocketUpgrade) -> Response {
     ws.protocols([protocol::PROTOCOL])
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(read_buffer)
         .write_buffer_size(0)
         .max_write_buffer_size(MAX_MESSAGE_BYTES + 64 * 1024)
         .max_message_size(MAX_MESSAGE_BYTES)
