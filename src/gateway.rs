@@ -657,12 +657,16 @@ async fn ws_handler(
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {
+            // Everything synchronous happens before the task's future is built, so that future
+            // holds only what the frame loop needs: its size is paid by every idle connection.
+            let (sink, stream) = socket.split();
+            let conn_id = ids::connection_id();
+            let ctx = UserExecutionContext::from_websocket_request(&user_id, &conn_id, thread);
             tracker.track_future(async move {
-                let conn_id = ids::connection_id();
-                match UserExecutionContext::from_websocket_request(&user_id, &conn_id, thread) {
+                match ctx {
                     Ok(ctx) => {
                         let span = ctx.connection_span();
-                        Connection::run(st, ctx, socket, since, last_seq)
+                        Connection::run(st, ctx, sink, stream, since, last_seq)
                             .instrument(span)
                             .await
                     }
@@ -832,12 +836,12 @@ impl Connection {
     async fn run(
         st: Arc<AppState>,
         ctx: UserExecutionContext,
-        socket: WebSocket,
+        sink: SplitSink<WebSocket, Message>,
+        mut stream: SplitStream<WebSocket>,
         since: Option<u64>,
         last_seq: u64,
     ) {
         let (handle, mut rx, shared) = ConnHandle::channel(st.config.outbound_queue as usize);
-        let (sink, mut stream) = socket.split();
         let mut conn = Connection {
             rate: RateLimiter::new(st.config.message_rate),
             st,
@@ -867,14 +871,14 @@ impl Connection {
             if let Err(e) = Box::pin(session.commit()).await {
                 tracing::error!(error = %e, "cannot create the thread");
                 metrics().connection_closed(1011);
-                conn.close(&CloseReason::Internal).await;
+                Box::pin(conn.close(&CloseReason::Internal)).await;
                 return;
             }
         }
         if let Err(e) = Box::pin(conn.st.store.audit_open(&conn.ctx)).await {
             tracing::error!(error = %e, "cannot open the audit row");
             metrics().connection_closed(1011);
-            conn.close(&CloseReason::Internal).await;
+            Box::pin(conn.close(&CloseReason::Internal)).await;
             return;
         }
         let mut audit = AuditGuard {
