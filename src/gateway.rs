@@ -695,13 +695,18 @@ enum End {
 
 impl End {
     fn from_ws_error(err: axum::Error, max: usize) -> Self {
-        use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+        use tokio_tungstenite::tungstenite::error::{
+            CapacityError, Error as WsError, ProtocolError,
+        };
         match err.into_inner().downcast::<WsError>() {
             Ok(e) => match *e {
                 WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
                     End::Close(CloseReason::TooBig { max })
                 }
                 WsError::Capacity(_) => End::Close(CloseReason::TooBig { max }),
+                // EOF without a close frame (a killed tab sends FIN): the peer is gone; closing
+                // it politely would only keep the socket a second longer.
+                WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Lost,
                 WsError::Protocol(_) => End::Close(CloseReason::ProtocolError),
                 WsError::Utf8(_) => End::Close(CloseReason::InvalidUtf8),
                 WsError::ConnectionClosed | WsError::AlreadyClosed | WsError::Io(_) => End::Lost,

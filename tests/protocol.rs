@@ -704,3 +704,37 @@ async fn the_per_ip_connection_rate_answers_429() {
     // Ten attempts span at most two one-second windows: at most 4 get through.
     assert!(refused >= 6, "refused {refused}");
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_with_a_fin_is_released_without_a_close_frame() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let req = format!(
+        "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        app.token("alice")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    while !String::from_utf8_lossy(&buf).contains("connection_established") {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(T, s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    // A killed tab: FIN, no close frame.
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        !rest.contains(&0x88),
+        "the server answered a vanished peer with a close frame: {rest:?}"
+    );
+    app.wait_stats("released", |s| s["connections"] == 0).await;
+}
