@@ -289,6 +289,8 @@ impl SqlStore {
             }
         };
         let pool = AnyPoolOptions::new()
+            // Statements are prepared once per connection and reused: writer batches use a few
+            // fixed chunk sizes per table (see `pow2_chunks`).
             .max_connections(opts.read_pool_size.max(1) + 1)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(10))
@@ -318,6 +320,7 @@ impl SqlStore {
             rx,
             broker,
             node_id.clone(),
+            dialect,
         ));
         Ok(Arc::new(Self { pool, tx, node_id }))
     }
@@ -515,6 +518,7 @@ async fn writer_loop(
     mut rx: mpsc::Receiver<Op>,
     broker: Arc<dyn Broker>,
     node_id: Arc<str>,
+    dialect: Dialect,
 ) {
     let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
     let mut shutdown: Option<oneshot::Sender<()>> = None;
@@ -546,7 +550,7 @@ async fn writer_loop(
             .iter()
             .filter(|op| matches!(op, Op::Session { .. }))
             .count();
-        let results = match write_batch(&mut conn, &batch, &node_id).await {
+        let results = match write_batch(&mut conn, &batch, &node_id, dialect).await {
             Ok(results) => results,
             Err(e) => {
                 tracing::warn!(error = %e, ops = batch.len(), "group commit failed; retrying each session alone");
@@ -561,7 +565,8 @@ async fn writer_loop(
                 }
                 let mut results = Vec::with_capacity(batch.len());
                 for op in &batch {
-                    match write_batch(&mut conn, std::slice::from_ref(op), &node_id).await {
+                    match write_batch(&mut conn, std::slice::from_ref(op), &node_id, dialect).await
+                    {
                         Ok(mut r) => results.push(r.pop().unwrap_or(Ok(Applied::default()))),
                         Err(e) => results.push(Err(e)),
                     }
@@ -607,10 +612,37 @@ async fn writer_loop(
 }
 
 /// Rows per multi-row statement (well under SQLite's and PostgreSQL's bind-parameter limits).
-const ROWS_PER_STATEMENT: usize = 500;
+const ROWS_PER_STATEMENT: usize = 256;
+
+/// Split `rows` into chunks whose lengths are powers of two (at most [`ROWS_PER_STATEMENT`]), so
+/// a batch of any size uses a few statement texts that the connection keeps prepared: parsing
+/// a fresh multi-row statement on every batch was the writer's largest cost.
+fn pow2_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if rows.is_empty() {
+            return None;
+        }
+        let n = rows.len().min(ROWS_PER_STATEMENT);
+        let size = 1usize << (usize::BITS - 1 - n.leading_zeros());
+        let (chunk, rest) = rows.split_at(size);
+        rows = rest;
+        Some(chunk)
+    })
+}
+
+impl Dialect {
+    /// The numbered-parameter sigil: `$1` for PostgreSQL, `?1` for SQLite (where `$1` is a
+    /// *named* parameter, looked up by name for every placeholder).
+    fn placeholder(self) -> char {
+        match self {
+            Dialect::Sqlite => '?',
+            Dialect::Postgres => '$',
+        }
+    }
+}
 
 /// `prefix` followed by `rows` groups of `cols` numbered parameters, starting at `$first`.
-fn values_sql(prefix: &str, cols: usize, rows: usize, first: usize) -> String {
+fn values_sql(ph: char, prefix: &str, cols: usize, rows: usize, first: usize) -> String {
     let mut sql = String::with_capacity(prefix.len() + rows * cols * 5);
     sql.push_str(prefix);
     let mut n = first;
@@ -620,7 +652,7 @@ fn values_sql(prefix: &str, cols: usize, rows: usize, first: usize) -> String {
             if c > 0 {
                 sql.push_str(", ");
             }
-            sql.push('$');
+            sql.push(ph);
             sql.push_str(&n.to_string());
             n += 1;
         }
@@ -631,7 +663,7 @@ fn values_sql(prefix: &str, cols: usize, rows: usize, first: usize) -> String {
 
 /// `(SELECT CAST($a AS T1) AS c1, ... UNION ALL SELECT ...) AS v`: a typed inline table that
 /// both SQLite and PostgreSQL accept in `UPDATE .. FROM`.
-fn inline_table(cols: &[(&str, &str)], rows: usize, first: usize) -> String {
+fn inline_table(ph: char, cols: &[(&str, &str)], rows: usize, first: usize) -> String {
     let mut sql = String::from("(");
     let mut n = first;
     for r in 0..rows {
@@ -644,7 +676,7 @@ fn inline_table(cols: &[(&str, &str)], rows: usize, first: usize) -> String {
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!("CAST(${n} AS {ty})"));
+            sql.push_str(&format!("CAST({ph}{n} AS {ty})"));
             if r == 0 {
                 sql.push_str(" AS ");
                 sql.push_str(name);
@@ -662,10 +694,10 @@ fn inline_table(cols: &[(&str, &str)], rows: usize, first: usize) -> String {
 /// express without boxing.)
 macro_rules! execute_chunks {
     ($tx:expr, $rows:expr, |$n:ident| $sql:expr, |$q:ident, $r:pat_param| $bind:expr $(,)?) => {
-        for chunk in $rows.chunks(ROWS_PER_STATEMENT) {
+        for chunk in pow2_chunks(&$rows) {
             let $n = chunk.len();
             let sql: String = $sql;
-            let mut q = sqlx::query(&sql).persistent(chunk.len() <= 4);
+            let mut q = sqlx::query(&sql);
             for row in chunk {
                 let $q = q;
                 let $r = row;
@@ -707,7 +739,9 @@ async fn write_batch(
     conn: &mut AnyConnection,
     ops: &[Op],
     node_id: &str,
+    dialect: Dialect,
 ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+    let ph = dialect.placeholder();
     let now = unix_ms() as i64;
     let mut tx = conn.begin().await?;
 
@@ -727,6 +761,7 @@ async fn write_batch(
         tx,
         new_threads,
         |n| values_sql(
+            ph,
             "INSERT INTO threads (thread_id, user_id, created_at, updated_at, last_seq) VALUES ",
             5,
             n,
@@ -761,13 +796,13 @@ async fn write_batch(
     // Next seq to hand out, per thread (with the user it was reserved for).
     let mut next: std::collections::HashMap<&str, (&str, u64)> =
         std::collections::HashMap::with_capacity(wanted.len());
-    for chunk in wanted.chunks(ROWS_PER_STATEMENT) {
+    for chunk in pow2_chunks(&wanted) {
         let sql = format!(
-            "UPDATE threads SET last_seq = last_seq + v.n, updated_at = $1 FROM {} \
+            "UPDATE threads SET last_seq = last_seq + v.n, updated_at = {ph}1 FROM {} \
              WHERE threads.thread_id = v.tid AND threads.user_id = v.uid RETURNING thread_id, last_seq",
-            inline_table(&[("tid", "TEXT"), ("uid", "TEXT"), ("n", "BIGINT")], chunk.len(), 2)
+            inline_table(ph, &[("tid", "TEXT"), ("uid", "TEXT"), ("n", "BIGINT")], chunk.len(), 2)
         );
-        let mut q = sqlx::query(&sql).persistent(chunk.len() <= 4).bind(now);
+        let mut q = sqlx::query(&sql).bind(now);
         for (t, u, n) in chunk {
             q = q.bind(*t).bind(*u).bind(*n);
         }
@@ -893,6 +928,7 @@ async fn write_batch(
         tx,
         events,
         |n| values_sql(
+            ph,
             "INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ",
             6,
             n,
@@ -911,6 +947,7 @@ async fn write_batch(
         messages,
         |n| {
             values_sql(
+                ph,
                 "INSERT INTO messages (message_id, thread_id, user_id, run_id, request_id, role, content, created_at) VALUES ",
                 8,
                 n,
@@ -933,6 +970,7 @@ async fn write_batch(
         runs,
         |n| {
             values_sql(
+                ph,
                 "INSERT INTO runs (run_id, thread_id, user_id, request_id, connection_id, parent_run_id, status, started_at) VALUES ",
                 8,
                 n,
@@ -950,12 +988,12 @@ async fn write_batch(
                 .bind(now)
         },
     );
-    for chunk in finishes.chunks(ROWS_PER_STATEMENT) {
+    for chunk in pow2_chunks(&finishes) {
         let sql = format!(
-            "UPDATE runs SET status = v.status, finished_at = $1, duration_ms = v.dur, error_code = v.err FROM {} WHERE runs.run_id = v.rid",
-            inline_table(&[("rid", "TEXT"), ("status", "TEXT"), ("dur", "BIGINT"), ("err", "TEXT")], chunk.len(), 2)
+            "UPDATE runs SET status = v.status, finished_at = {ph}1, duration_ms = v.dur, error_code = v.err FROM {} WHERE runs.run_id = v.rid",
+            inline_table(ph, &[("rid", "TEXT"), ("status", "TEXT"), ("dur", "BIGINT"), ("err", "TEXT")], chunk.len(), 2)
         );
-        let mut q = sqlx::query(&sql).persistent(chunk.len() <= 4).bind(now);
+        let mut q = sqlx::query(&sql).bind(now);
         for f in chunk {
             q = q
                 .bind(f.run_id)
@@ -970,6 +1008,7 @@ async fn write_batch(
         opens,
         |n| {
             values_sql(
+                ph,
                 "INSERT INTO connections (connection_id, node_id, user_id, thread_id, request_id, opened_at) VALUES ",
                 6,
                 n,
@@ -992,7 +1031,7 @@ async fn write_batch(
             format!(
                 "UPDATE connections SET closed_at = v.at, close_code = v.code, close_reason = v.reason FROM {} \
                  WHERE connections.connection_id = v.cid AND connections.closed_at IS NULL",
-                inline_table(&[("cid", "TEXT"), ("at", "BIGINT"), ("reason", "TEXT"), ("code", "BIGINT")], n, 1)
+                inline_table(ph, &[("cid", "TEXT"), ("at", "BIGINT"), ("reason", "TEXT"), ("code", "BIGINT")], n, 1)
             )
         },
         |q, (cid, at, reason, code)| q.bind(*cid).bind(*at).bind(*reason).bind(*code),
@@ -1106,6 +1145,25 @@ mod tests {
         );
         store.close().await;
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn batches_split_into_power_of_two_chunks() {
+        let rows: Vec<u32> = (0..700).collect();
+        let sizes: Vec<usize> = pow2_chunks(&rows).map(<[u32]>::len).collect();
+        assert_eq!(sizes, vec![256, 256, 128, 32, 16, 8, 4]);
+        assert_eq!(sizes.iter().sum::<usize>(), 700);
+        assert_eq!(pow2_chunks(&rows[..1]).count(), 1);
+        assert_eq!(pow2_chunks(&rows[..0]).count(), 0);
+    }
+
+    #[test]
+    fn placeholders_follow_the_dialect() {
+        assert_eq!(values_sql('?', "V ", 2, 2, 3), "V (?3, ?4), (?5, ?6)");
+        assert_eq!(
+            inline_table('$', &[("a", "TEXT")], 2, 1),
+            "(SELECT CAST($1 AS TEXT) AS a UNION ALL SELECT CAST($2 AS TEXT)) AS v"
+        );
     }
 
     #[tokio::test]
