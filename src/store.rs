@@ -631,8 +631,9 @@ fn pow2_chunks<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
 }
 
 impl Dialect {
-    /// The numbered-parameter sigil: `$1` for PostgreSQL, `?1` for SQLite (where `$1` is a
-    /// *named* parameter, looked up by name for every placeholder).
+    /// The parameter sigil: `$1, $2, ...` for PostgreSQL; plain `?` for SQLite, bound in order
+    /// of appearance (SQLite treats `$1` and `?1` as *named* parameters, and binding them looks
+    /// each name up in a list: quadratic in a multi-row statement's parameters).
     fn placeholder(self) -> char {
         match self {
             Dialect::Sqlite => '?',
@@ -642,6 +643,15 @@ impl Dialect {
 }
 
 /// `prefix` followed by `rows` groups of `cols` numbered parameters, starting at `$first`.
+/// One parameter: `$n`, or `?` (numbered by position) for SQLite. Callers generate parameters
+/// in the order they bind them.
+fn push_param(sql: &mut String, ph: char, n: usize) {
+    sql.push(ph);
+    if ph == '$' {
+        sql.push_str(&n.to_string());
+    }
+}
+
 fn values_sql(ph: char, prefix: &str, cols: usize, rows: usize, first: usize) -> String {
     let mut sql = String::with_capacity(prefix.len() + rows * cols * 5);
     sql.push_str(prefix);
@@ -652,8 +662,7 @@ fn values_sql(ph: char, prefix: &str, cols: usize, rows: usize, first: usize) ->
             if c > 0 {
                 sql.push_str(", ");
             }
-            sql.push(ph);
-            sql.push_str(&n.to_string());
+            push_param(&mut sql, ph, n);
             n += 1;
         }
         sql.push(')');
@@ -676,7 +685,11 @@ fn inline_table(ph: char, cols: &[(&str, &str)], rows: usize, first: usize) -> S
             if i > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!("CAST({ph}{n} AS {ty})"));
+            sql.push_str("CAST(");
+            push_param(&mut sql, ph, n);
+            sql.push_str(" AS ");
+            sql.push_str(ty);
+            sql.push(')');
             if r == 0 {
                 sql.push_str(" AS ");
                 sql.push_str(name);
@@ -742,6 +755,8 @@ async fn write_batch(
     dialect: Dialect,
 ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
     let ph = dialect.placeholder();
+    // The first parameter of the UPDATE statements (it comes first in their text).
+    let p1 = if ph == '$' { "$1" } else { "?" };
     let now = unix_ms() as i64;
     let mut tx = conn.begin().await?;
 
@@ -798,7 +813,7 @@ async fn write_batch(
         std::collections::HashMap::with_capacity(wanted.len());
     for chunk in pow2_chunks(&wanted) {
         let sql = format!(
-            "UPDATE threads SET last_seq = last_seq + v.n, updated_at = {ph}1 FROM {} \
+            "UPDATE threads SET last_seq = last_seq + v.n, updated_at = {p1} FROM {} \
              WHERE threads.thread_id = v.tid AND threads.user_id = v.uid RETURNING thread_id, last_seq",
             inline_table(ph, &[("tid", "TEXT"), ("uid", "TEXT"), ("n", "BIGINT")], chunk.len(), 2)
         );
@@ -990,7 +1005,7 @@ async fn write_batch(
     );
     for chunk in pow2_chunks(&finishes) {
         let sql = format!(
-            "UPDATE runs SET status = v.status, finished_at = {ph}1, duration_ms = v.dur, error_code = v.err FROM {} WHERE runs.run_id = v.rid",
+            "UPDATE runs SET status = v.status, finished_at = {p1}, duration_ms = v.dur, error_code = v.err FROM {} WHERE runs.run_id = v.rid",
             inline_table(ph, &[("rid", "TEXT"), ("status", "TEXT"), ("dur", "BIGINT"), ("err", "TEXT")], chunk.len(), 2)
         );
         let mut q = sqlx::query(&sql).bind(now);
@@ -1159,7 +1174,8 @@ mod tests {
 
     #[test]
     fn placeholders_follow_the_dialect() {
-        assert_eq!(values_sql('?', "V ", 2, 2, 3), "V (?3, ?4), (?5, ?6)");
+        assert_eq!(values_sql('?', "V ", 2, 2, 3), "V (?, ?), (?, ?)");
+        assert_eq!(values_sql('$', "V ", 2, 2, 3), "V ($3, $4), ($5, $6)");
         assert_eq!(
             inline_table('$', &[("a", "TEXT")], 2, 1),
             "(SELECT CAST($1 AS TEXT) AS a UNION ALL SELECT CAST($2 AS TEXT)) AS v"
