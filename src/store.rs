@@ -46,6 +46,12 @@ pub enum StoreError {
     Config(String),
 }
 
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database(e.to_string())
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         // sqlx errors carry no connection strings; Configuration errors may, so drop their text.
@@ -311,17 +317,19 @@ impl SqlStore {
         for ddl in SCHEMA {
             pool.execute(*ddl).await?;
         }
-        let writer_conn = pool.acquire().await?.detach();
+        let backend = match dialect {
+            Dialect::Sqlite => Backend::Sqlite(SqliteWriter::start(
+                sqlite_path(&opts.url)?,
+                &opts.sqlite_synchronous,
+            )?),
+            Dialect::Postgres => Backend::Any {
+                conn: pool.acquire().await?.detach(),
+                url: opts.url.clone(),
+            },
+        };
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let node_id: Arc<str> = opts.node_id.as_str().into();
-        tokio::spawn(writer_loop(
-            writer_conn,
-            opts.url.clone(),
-            rx,
-            broker,
-            node_id.clone(),
-            dialect,
-        ));
+        tokio::spawn(writer_loop(backend, rx, broker, node_id.clone()));
         Ok(Arc::new(Self { pool, tx, node_id }))
     }
 
@@ -513,12 +521,10 @@ struct Applied {
 }
 
 async fn writer_loop(
-    mut conn: AnyConnection,
-    url: String,
+    mut backend: Backend,
     mut rx: mpsc::Receiver<Op>,
     broker: Arc<dyn Broker>,
     node_id: Arc<str>,
-    dialect: Dialect,
 ) {
     let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
     let mut shutdown: Option<oneshot::Sender<()>> = None;
@@ -550,30 +556,25 @@ async fn writer_loop(
             .iter()
             .filter(|op| matches!(op, Op::Session { .. }))
             .count();
-        let results = match write_batch(&mut conn, &batch, &node_id, dialect).await {
-            Ok(results) => results,
-            Err(e) => {
-                tracing::warn!(error = %e, ops = batch.len(), "group commit failed; retrying each session alone");
-                // The connection may be broken (database restarted): reconnect before retrying.
-                if conn.ping().await.is_err() {
-                    match sqlx::AnyConnection::connect(&url).await {
-                        Ok(c) => conn = c,
-                        Err(e) => {
-                            tracing::error!(error = %StoreError::from(e), "store writer cannot reconnect")
-                        }
-                    }
+        let (ops, results) = match backend.write(std::mem::take(&mut batch), &node_id).await {
+            (ops, Ok(results)) => (ops, results),
+            (ops, Err(e)) => {
+                tracing::warn!(error = %e, ops = ops.len(), "group commit failed; retrying each session alone");
+                backend.recover().await;
+                let mut kept = Vec::with_capacity(ops.len());
+                let mut results = Vec::with_capacity(ops.len());
+                for op in ops {
+                    let (mut one, r) = backend.write(vec![op], &node_id).await;
+                    kept.append(&mut one);
+                    results.push(match r {
+                        Ok(mut r) => r.pop().unwrap_or(Ok(Applied::default())),
+                        Err(e) => Err(e),
+                    });
                 }
-                let mut results = Vec::with_capacity(batch.len());
-                for op in &batch {
-                    match write_batch(&mut conn, std::slice::from_ref(op), &node_id, dialect).await
-                    {
-                        Ok(mut r) => results.push(r.pop().unwrap_or(Ok(Applied::default()))),
-                        Err(e) => results.push(Err(e)),
-                    }
-                }
-                results
+                (kept, results)
             }
         };
+        batch = ops;
         metrics()
             .store_latency(StoreOp::Commit)
             .observe(started.elapsed().as_secs_f64());
@@ -609,6 +610,221 @@ async fn writer_loop(
     if let Some(reply) = shutdown {
         let _ = reply.send(());
     }
+}
+
+/// Where the writer's transactions go.
+enum Backend {
+    /// PostgreSQL through sqlx: a few multi-row statements per batch (each one a network round
+    /// trip, so fewer is faster).
+    Any { conn: AnyConnection, url: String },
+    /// SQLite on its own thread: one hop per batch, prepared single-row statements (in-process
+    /// calls of a few microseconds each).
+    Sqlite(SqliteWriter),
+}
+
+type BatchResult = Result<Vec<Result<Applied, StoreError>>, StoreError>;
+
+impl Backend {
+    /// Write one batch in one transaction; hands the ops back with the outcome.
+    async fn write(&mut self, ops: Vec<Op>, node_id: &Arc<str>) -> (Vec<Op>, BatchResult) {
+        match self {
+            Backend::Any { conn, .. } => {
+                let r = write_batch(conn, &ops, node_id, Dialect::Postgres).await;
+                (ops, r)
+            }
+            Backend::Sqlite(w) => w.write(ops, node_id.clone()).await,
+        }
+    }
+
+    /// After a failed batch: reconnect if the connection broke (a database restart).
+    async fn recover(&mut self) {
+        if let Backend::Any { conn, url } = self {
+            if conn.ping().await.is_err() {
+                match sqlx::AnyConnection::connect(url).await {
+                    Ok(c) => *conn = c,
+                    Err(e) => {
+                        tracing::error!(error = %StoreError::from(e), "store writer cannot reconnect")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The file path of a `sqlite://PATH?options` URL.
+fn sqlite_path(url: &str) -> Result<std::path::PathBuf, StoreError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let path = rest.split('?').next().unwrap_or("");
+    if path.is_empty() || path.contains(":memory:") {
+        return Err(StoreError::Config(
+            "SQLite needs a file (in-memory databases are not shared between connections)".into(),
+        ));
+    }
+    Ok(path.into())
+}
+
+struct SqliteJob {
+    ops: Vec<Op>,
+    node_id: Arc<str>,
+    reply: oneshot::Sender<(Vec<Op>, BatchResult)>,
+}
+
+/// The SQLite writer thread. One job is in flight at a time (the writer task awaits each), so
+/// its queue never holds more than one batch.
+struct SqliteWriter {
+    jobs: std::sync::mpsc::Sender<SqliteJob>,
+}
+
+impl SqliteWriter {
+    fn start(path: std::path::PathBuf, synchronous: &str) -> Result<Self, StoreError> {
+        let conn = rusqlite::Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", synchronous)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.set_prepared_statement_cache_capacity(32);
+        let (jobs, rx) = std::sync::mpsc::channel::<SqliteJob>();
+        std::thread::Builder::new()
+            .name("tether-sqlite-writer".into())
+            .spawn(move || {
+                let mut conn = conn;
+                while let Ok(job) = rx.recv() {
+                    let r = sqlite_write_batch(&mut conn, &job.ops, &job.node_id);
+                    let _ = job.reply.send((job.ops, r));
+                }
+            })
+            .map_err(|e| StoreError::Config(format!("cannot start the SQLite writer: {e}")))?;
+        Ok(Self { jobs })
+    }
+
+    async fn write(&self, ops: Vec<Op>, node_id: Arc<str>) -> (Vec<Op>, BatchResult) {
+        let (reply, rx) = oneshot::channel();
+        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(SqliteJob {
+            ops,
+            node_id,
+            reply,
+        }) {
+            return (job.ops, Err(StoreError::Closed));
+        }
+        match rx.await {
+            Ok(done) => done,
+            // The thread died (a panic in SQLite code): nothing was committed.
+            Err(_) => (Vec::new(), Err(StoreError::Closed)),
+        }
+    }
+}
+
+/// The SQLite form of [`write_batch`]: the same plan, single-row prepared statements.
+fn sqlite_write_batch(conn: &mut rusqlite::Connection, ops: &[Op], node_id: &str) -> BatchResult {
+    use rusqlite::{params, OptionalExtension};
+    let now = unix_ms() as i64;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO threads (thread_id, user_id, created_at, updated_at, last_seq) VALUES (?, ?, ?, ?, 0)",
+        )?;
+        for ctx in new_threads(ops) {
+            st.execute(params![ctx.thread_id(), ctx.user_id(), now, now])?;
+        }
+    }
+    let wanted = seq_requests(ops);
+    let mut next: NextSeqs<'_> = NextSeqs::with_capacity(wanted.len());
+    {
+        let mut st = tx.prepare_cached(
+            "UPDATE threads SET last_seq = last_seq + ?, updated_at = ? WHERE thread_id = ? AND user_id = ? RETURNING last_seq",
+        )?;
+        for (t, u, n) in &wanted {
+            let last: Option<i64> = st
+                .query_row(params![n, now, t, u], |r| r.get(0))
+                .optional()?;
+            if let Some(last) = last {
+                next.insert(t, (u, (last.max(0) as u64) + 1 - *n as u64));
+            }
+        }
+    }
+    let (rows, results) = plan(ops, &mut next, now);
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES (?, ?, ?, ?, ?, ?)",
+        )?;
+        for e in &rows.events {
+            st.execute(params![e.thread_id, e.seq, e.kind, e.run_id, now, e.frame])?;
+        }
+    }
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO messages (message_id, thread_id, user_id, run_id, request_id, role, content, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )?;
+        for m in &rows.messages {
+            st.execute(params![
+                m.message_id,
+                m.ctx.thread_id(),
+                m.ctx.user_id(),
+                m.run_id,
+                m.ctx.request_id(),
+                m.role,
+                m.content,
+                now
+            ])?;
+        }
+    }
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO runs (run_id, thread_id, user_id, request_id, connection_id, parent_run_id, status, started_at) VALUES (?, ?, ?, ?, ?, ?, 'running', ?)",
+        )?;
+        for r in &rows.runs {
+            st.execute(params![
+                r.run_id(),
+                r.thread_id(),
+                r.user_id(),
+                r.request_id(),
+                r.connection_id(),
+                r.parent_run_id(),
+                now
+            ])?;
+        }
+    }
+    {
+        let mut st = tx.prepare_cached(
+            "UPDATE runs SET status = ?, finished_at = ?, duration_ms = ?, error_code = ? WHERE run_id = ?",
+        )?;
+        for f in &rows.finishes {
+            st.execute(params![
+                f.status,
+                now,
+                f.duration_ms,
+                f.error_code,
+                f.run_id
+            ])?;
+        }
+    }
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO connections (connection_id, node_id, user_id, thread_id, request_id, opened_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )?;
+        for (c, at) in &rows.opens {
+            st.execute(params![
+                c.connection_id(),
+                node_id,
+                c.user_id(),
+                c.thread_id(),
+                c.request_id(),
+                at
+            ])?;
+        }
+    }
+    {
+        let mut st = tx.prepare_cached(
+            "UPDATE connections SET closed_at = ?, close_code = ?, close_reason = ? WHERE connection_id = ? AND closed_at IS NULL",
+        )?;
+        for (cid, at, reason, code) in &rows.closes {
+            st.execute(params![at, code, reason, cid])?;
+        }
+    }
+    tx.commit()?;
+    Ok(results)
 }
 
 /// Rows per multi-row statement (well under SQLite's and PostgreSQL's bind-parameter limits).
@@ -744,25 +960,9 @@ struct RunFinish<'a> {
     error_code: Option<&'a str>,
 }
 
-/// Write `ops` in one transaction with a handful of multi-row statements, however many sessions
-/// the batch holds: new threads, one `UPDATE .. RETURNING` that reserves the `seq`s of every
-/// thread in the batch, then events, messages, runs and audit rows. Sessions whose thread is
-/// missing (or not their user's) fail alone with `ThreadNotFound` and write nothing.
-async fn write_batch(
-    conn: &mut AnyConnection,
-    ops: &[Op],
-    node_id: &str,
-    dialect: Dialect,
-) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
-    let ph = dialect.placeholder();
-    // The first parameter of the UPDATE statements (it comes first in their text).
-    let p1 = if ph == '$' { "$1" } else { "?" };
-    let now = unix_ms() as i64;
-    let mut tx = conn.begin().await?;
-
-    // 1. New threads.
-    let new_threads: Vec<&UserExecutionContext> = ops
-        .iter()
+/// The contexts of the sessions that create their thread.
+fn new_threads(ops: &[Op]) -> Vec<&UserExecutionContext> {
+    ops.iter()
         .filter_map(|op| match op {
             Op::Session { ctx, writes, .. }
                 if writes.iter().any(|w| matches!(w, Write::CreateThread)) =>
@@ -771,26 +971,11 @@ async fn write_batch(
             }
             _ => None,
         })
-        .collect();
-    execute_chunks!(
-        tx,
-        new_threads,
-        |n| values_sql(
-            ph,
-            "INSERT INTO threads (thread_id, user_id, created_at, updated_at, last_seq) VALUES ",
-            5,
-            n,
-            1
-        ),
-        |q, ctx| q
-            .bind(ctx.thread_id())
-            .bind(ctx.user_id())
-            .bind(now)
-            .bind(now)
-            .bind(0i64),
-    );
+        .collect()
+}
 
-    // 2. Reserve seqs: events per (thread, user), in order of first appearance.
+/// How many `seq`s each (thread, user) of the batch needs, in order of first appearance.
+fn seq_requests(ops: &[Op]) -> Vec<(&str, &str, i64)> {
     let mut wanted: Vec<(&str, &str, i64)> = Vec::new();
     for op in ops {
         if let Op::Session { ctx, writes, .. } = op {
@@ -803,41 +988,37 @@ async fn write_batch(
             }
             match wanted.iter_mut().find(|(t, _, _)| *t == ctx.thread_id()) {
                 Some(w) if w.1 == ctx.user_id() => w.2 += n,
-                Some(_) => {} // another user's session on this thread id: it fails below
+                Some(_) => {} // another user's session on this thread id: it fails in `plan`
                 None => wanted.push((ctx.thread_id(), ctx.user_id(), n)),
             }
         }
     }
-    // Next seq to hand out, per thread (with the user it was reserved for).
-    let mut next: std::collections::HashMap<&str, (&str, u64)> =
-        std::collections::HashMap::with_capacity(wanted.len());
-    for chunk in pow2_chunks(&wanted) {
-        let sql = format!(
-            "UPDATE threads SET last_seq = last_seq + v.n, updated_at = {p1} FROM {} \
-             WHERE threads.thread_id = v.tid AND threads.user_id = v.uid RETURNING thread_id, last_seq",
-            inline_table(ph, &[("tid", "TEXT"), ("uid", "TEXT"), ("n", "BIGINT")], chunk.len(), 2)
-        );
-        let mut q = sqlx::query(&sql).bind(now);
-        for (t, u, n) in chunk {
-            q = q.bind(*t).bind(*u).bind(*n);
-        }
-        for row in q.fetch_all(&mut *tx).await? {
-            let thread: String = row.try_get(0)?;
-            let last = u64_of(&row, 1)?;
-            if let Some((t, u, n)) = chunk.iter().find(|(t, _, _)| *t == thread) {
-                next.insert(t, (u, last + 1 - *n as u64));
-            }
-        }
-    }
+    wanted
+}
 
-    // 3. Assign seqs in batch order; collect rows and deliveries.
+/// Next seq to hand out, per thread (with the user it was reserved for).
+type NextSeqs<'a> = std::collections::HashMap<&'a str, (&'a str, u64)>;
+
+/// The rows a batch writes once its seqs are reserved.
+#[derive(Default)]
+struct Rows<'a> {
+    events: Vec<EventRow<'a>>,
+    messages: Vec<MessageRow<'a>>,
+    runs: Vec<&'a UserExecutionContext>,
+    finishes: Vec<RunFinish<'a>>,
+    opens: Vec<(&'a UserExecutionContext, i64)>,
+    closes: Vec<(&'a str, i64, &'a str, i64)>,
+}
+
+/// Assign seqs in batch order, build every frame, and collect the rows to write and each
+/// op's result. The same for every backend: only how rows reach the database differs.
+fn plan<'a>(
+    ops: &'a [Op],
+    next: &mut NextSeqs<'a>,
+    now: i64,
+) -> (Rows<'a>, Vec<Result<Applied, StoreError>>) {
     let mut results: Vec<Result<Applied, StoreError>> = Vec::with_capacity(ops.len());
-    let mut events: Vec<EventRow<'_>> = Vec::new();
-    let mut messages: Vec<MessageRow<'_>> = Vec::new();
-    let mut runs: Vec<&UserExecutionContext> = Vec::new();
-    let mut finishes: Vec<RunFinish<'_>> = Vec::new();
-    let mut opens: Vec<(&UserExecutionContext, i64)> = Vec::new();
-    let mut closes: Vec<(&str, i64, &str, i64)> = Vec::new();
+    let mut rows = Rows::default();
     for op in ops {
         match op {
             Op::Session { ctx, writes, .. } => {
@@ -881,7 +1062,7 @@ async fn write_batch(
                                 OutFrame::new(seq, text.as_str()),
                                 ack,
                             ));
-                            events.push(EventRow {
+                            rows.events.push(EventRow {
                                 thread_id: ctx.thread_id(),
                                 seq: seq as i64,
                                 kind: ev.kind,
@@ -894,19 +1075,19 @@ async fn write_batch(
                             role,
                             content,
                             run_id,
-                        } => messages.push(MessageRow {
+                        } => rows.messages.push(MessageRow {
                             ctx,
                             message_id,
                             run_id: run_id.as_deref(),
                             role: role.as_str(),
                             content,
                         }),
-                        Write::RunStarted { run } => runs.push(run),
+                        Write::RunStarted { run } => rows.runs.push(run),
                         Write::RunFinished {
                             status,
                             duration_ms,
                             error_code,
-                        } => finishes.push(RunFinish {
+                        } => rows.finishes.push(RunFinish {
                             run_id: ctx.run_id(),
                             status,
                             duration_ms: *duration_ms as i64,
@@ -922,7 +1103,7 @@ async fn write_batch(
                 results.push(Ok(applied));
             }
             Op::AuditOpen { ctx, at } => {
-                opens.push((ctx, *at));
+                rows.opens.push((ctx, *at));
                 results.push(Ok(Applied::default()));
             }
             Op::AuditClose {
@@ -931,17 +1112,81 @@ async fn write_batch(
                 reason,
                 at,
             } => {
-                closes.push((connection_id, *at, reason, i64::from(*code)));
+                rows.closes
+                    .push((connection_id, *at, reason, i64::from(*code)));
                 results.push(Ok(Applied::default()));
             }
             Op::Shutdown { .. } => results.push(Ok(Applied::default())),
         }
     }
+    (rows, results)
+}
+
+/// Write `ops` in one transaction with a handful of multi-row statements, however many sessions
+/// the batch holds: new threads, one `UPDATE .. RETURNING` that reserves the `seq`s of every
+/// thread in the batch, then events, messages, runs and audit rows. Sessions whose thread is
+/// missing (or not their user's) fail alone with `ThreadNotFound` and write nothing.
+async fn write_batch(
+    conn: &mut AnyConnection,
+    ops: &[Op],
+    node_id: &str,
+    dialect: Dialect,
+) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+    let ph = dialect.placeholder();
+    // The first parameter of the UPDATE statements (it comes first in their text).
+    let p1 = if ph == '$' { "$1" } else { "?" };
+    let now = unix_ms() as i64;
+    let mut tx = conn.begin().await?;
+
+    // 1. New threads.
+    let new_threads = new_threads(ops);
+    execute_chunks!(
+        tx,
+        new_threads,
+        |n| values_sql(
+            ph,
+            "INSERT INTO threads (thread_id, user_id, created_at, updated_at, last_seq) VALUES ",
+            5,
+            n,
+            1
+        ),
+        |q, ctx| q
+            .bind(ctx.thread_id())
+            .bind(ctx.user_id())
+            .bind(now)
+            .bind(now)
+            .bind(0i64),
+    );
+
+    // 2. Reserve seqs.
+    let wanted = seq_requests(ops);
+    let mut next: NextSeqs<'_> = NextSeqs::with_capacity(wanted.len());
+    for chunk in pow2_chunks(&wanted) {
+        let sql = format!(
+            "UPDATE threads SET last_seq = last_seq + v.n, updated_at = {p1} FROM {} \
+             WHERE threads.thread_id = v.tid AND threads.user_id = v.uid RETURNING thread_id, last_seq",
+            inline_table(ph, &[("tid", "TEXT"), ("uid", "TEXT"), ("n", "BIGINT")], chunk.len(), 2)
+        );
+        let mut q = sqlx::query(&sql).bind(now);
+        for (t, u, n) in chunk {
+            q = q.bind(*t).bind(*u).bind(*n);
+        }
+        for row in q.fetch_all(&mut *tx).await? {
+            let thread: String = row.try_get(0)?;
+            let last = u64_of(&row, 1)?;
+            if let Some((t, u, n)) = chunk.iter().find(|(t, _, _)| *t == thread) {
+                next.insert(t, (u, last + 1 - *n as u64));
+            }
+        }
+    }
+
+    // 3. Frames, rows, results.
+    let (rows, results) = plan(ops, &mut next, now);
 
     // 4. The rows.
     execute_chunks!(
         tx,
-        events,
+        rows.events,
         |n| values_sql(
             ph,
             "INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ",
@@ -959,7 +1204,7 @@ async fn write_batch(
     );
     execute_chunks!(
         tx,
-        messages,
+        rows.messages,
         |n| {
             values_sql(
                 ph,
@@ -982,7 +1227,7 @@ async fn write_batch(
     );
     execute_chunks!(
         tx,
-        runs,
+        rows.runs,
         |n| {
             values_sql(
                 ph,
@@ -1003,7 +1248,7 @@ async fn write_batch(
                 .bind(now)
         },
     );
-    for chunk in pow2_chunks(&finishes) {
+    for chunk in pow2_chunks(&rows.finishes) {
         let sql = format!(
             "UPDATE runs SET status = v.status, finished_at = {p1}, duration_ms = v.dur, error_code = v.err FROM {} WHERE runs.run_id = v.rid",
             inline_table(ph, &[("rid", "TEXT"), ("status", "TEXT"), ("dur", "BIGINT"), ("err", "TEXT")], chunk.len(), 2)
@@ -1020,7 +1265,7 @@ async fn write_batch(
     }
     execute_chunks!(
         tx,
-        opens,
+        rows.opens,
         |n| {
             values_sql(
                 ph,
@@ -1041,7 +1286,7 @@ async fn write_batch(
     );
     execute_chunks!(
         tx,
-        closes,
+        rows.closes,
         |n| {
             format!(
                 "UPDATE connections SET closed_at = v.at, close_code = v.code, close_reason = v.reason FROM {} \
