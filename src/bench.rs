@@ -768,7 +768,8 @@ impl Residue {
             live_tasks: u(&s["live_tasks"])
                 .or_else(|| u(&s["tasks"]))
                 .or_else(|| u(&s["runtime"]["tasks"]))
-                .or_else(|| u(&s["tasks"]["live"])),
+                .or_else(|| u(&s["tasks"]["live"]))
+                .or_else(|| u(&s["tasks"]["alive"])),
         }
     }
 

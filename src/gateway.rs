@@ -202,6 +202,12 @@ impl AppState {
                 "rolled_back": m.sessions_rolled_back.get(),
             },
             "audit_rows_open": audit_rows_open,
+            // Live tokio tasks (connections, runs, HTTP connections, housekeeping) and the ones
+            // the shutdown waits for: after churn both return to their idle level.
+            "tasks": {
+                "alive": tokio::runtime::Handle::current().metrics().num_alive_tasks(),
+                "tracked": self.tracker.len(),
+            },
             "uptime_s": self.started.elapsed().as_secs(),
             "node_id": self.config.node_id,
             "version": env!("CARGO_PKG_VERSION"),
@@ -350,6 +356,9 @@ async fn metrics_handler(
         managers_per_user_avg: s.managers_per_user_avg,
         managers_per_user_max: s.managers_per_user_max,
         draining: st.is_draining(),
+        tasks_alive: tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks() as u64,
     };
     Ok((
         [(

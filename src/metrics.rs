@@ -615,6 +615,12 @@ impl Metrics {
             "1 while the node drains.",
             if live.draining { 1.0 } else { 0.0 },
         );
+        g(
+            &mut o,
+            "tether_tasks_alive",
+            "Live tokio tasks (connections, runs, HTTP connections, housekeeping).",
+            live.tasks_alive as f64,
+        );
         o
     }
 }
@@ -628,6 +634,7 @@ pub struct LiveGauges {
     pub managers_per_user_avg: f64,
     pub managers_per_user_max: u64,
     pub draining: bool,
+    pub tasks_alive: u64,
 }
 
 /// The process's metrics.

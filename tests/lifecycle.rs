@@ -56,9 +56,11 @@ async fn churn_with_resets_and_mid_run_closes_leaves_nothing_open_and_shutdown_c
                 && s["users"] == 0
                 && s["sessions_open"] == 0
                 && s["runs"]["active"] == 0
+                && s["tasks"]["tracked"] == 0
         })
         .await;
     assert_eq!(s["emergency_cleanups"], 0);
+
     assert_eq!(s["thread_mismatches"], 0);
     assert_eq!(s["cleanups"]["attempted"], s["cleanups"]["completed"]);
     assert_eq!(app.state.registry.reap(), 0, "the backstop finds nothing");
