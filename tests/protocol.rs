@@ -479,10 +479,7 @@ async fn a_client_that_never_answers_pings_is_closed_with_4000() {
     // read through a plain TCP socket).
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let req = format!(
-        "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        app.token("alice")
-    );
+    let req = app.raw_upgrade_request("alice");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     let deadline = tokio::time::Instant::now() + T;
@@ -645,10 +642,7 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_others_are
     sock.set_recv_buffer_size(4096).unwrap();
     let mut stalled = sock.connect(app.addr).await.unwrap();
     use tokio::io::AsyncWriteExt;
-    let req = format!(
-        "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        app.token("stalled")
-    );
+    let req = app.raw_upgrade_request("stalled");
     stalled.write_all(req.as_bytes()).await.unwrap();
     let (mut bob, _) = app.connect("bob").await;
     app.wait_stats("the stalled client registered", |s| s["connections"] == 2)
@@ -710,10 +704,7 @@ async fn a_client_that_goes_away_with_a_fin_is_released_without_a_close_frame() 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = spawn_app().await;
     let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let req = format!(
-        "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        app.token("alice")
-    );
+    let req = app.raw_upgrade_request("alice");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     while !String::from_utf8_lossy(&buf).contains("connection_established") {

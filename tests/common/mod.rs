@@ -71,6 +71,15 @@ pub async fn start(config: Config, keep_dir: bool) -> TestApp {
 }
 
 impl TestApp {
+    /// The raw upgrade request of `user` (for tests that must speak below the WebSocket
+    /// library: never answering pings, never reading, leaving with a bare FIN).
+    pub fn raw_upgrade_request(&self, user: &str) -> String {
+        format!(
+            "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            self.token(user)
+        )
+    }
+
     pub fn ws_base(&self) -> String {
         format!("ws://{}", self.addr)
     }
