@@ -39,8 +39,12 @@ enum Cmd {
 
 fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_env("TETHER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only on a terminal: escape codes in a log file are noise, and the fields each
+    // connection's span keeps for its whole life would carry them too.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder
