@@ -7,7 +7,9 @@
 //!
 //! - [`chat`]: N connections over U users, each sending `user_message`s with W in flight.
 //!   Latency is send to the matching `agent_completed` (matched by `reply_to`). Every frame is
-//!   checked by a [`RunChecker`]: event order per run and `seq` +1 per thread.
+//!   checked by a [`RunChecker`]: event order per run and `seq` +1 per thread. With `--stalled
+//!   K`, K more connections never read while frames are published to them, and the tool times
+//!   the server's slow-consumer close; `--stalled-compare` runs the load without and with them.
 //! - [`idle`]: N authenticated connections held open; the server's resident memory per
 //!   connection from `/proc/PID/status`. May split itself over several processes, because one
 //!   process may hold at most 20,000 file descriptors here.
@@ -118,6 +120,23 @@ pub struct ChatArgs {
     /// The text of each message.
     #[arg(long, default_value = "hello from tether bench")]
     pub content: String,
+    /// Stalled connections (K) besides the N: each is its own user (`bench-stalled-K`), upgrades
+    /// with a small receive buffer, reads `connection_established` and never reads again, while
+    /// the tool publishes frames to it (POST /api/users/{user}/events, admin token) until the
+    /// server refuses one (its queue is full); the tool then times the server's close. A closed
+    /// one is replaced by a new one until the load ends. Tether only.
+    #[arg(long, default_value_t = 0)]
+    pub stalled: u64,
+    /// Run the load twice, without and then with --stalled K (at least 1) stalled connections,
+    /// and report the others' latency with over without.
+    #[arg(long)]
+    pub stalled_compare: bool,
+    /// Frames per second published to each stalled connection.
+    #[arg(long, default_value_t = 200)]
+    pub stall_rate: u64,
+    /// Bytes of padding in each frame published to a stalled connection.
+    #[arg(long, default_value_t = 4096)]
+    pub stall_frame_bytes: u64,
 }
 
 /// `tether bench idle`.
@@ -1129,7 +1148,10 @@ pub struct ChatReport {
     pub server_pid: Option<u32>,
     pub server_cpu_s: Option<f64>,
     pub load_tool_cpu_s: Option<f64>,
+    /// The N connections' errors and violations (the stalled ones have their own).
     pub problems: Problems,
+    /// With `--stalled`: what happened to the stalled connections.
+    pub stalled: Option<StalledReport>,
     pub passed: bool,
 }
 
@@ -1150,6 +1172,9 @@ pub async fn chat(target: &Target, args: &ChatArgs) -> anyhow::Result<ChatReport
     }
     if args.messages == Some(0) {
         bail!("--messages must be at least 1");
+    }
+    if args.stalled > 0 {
+        check_stall_args(target, args)?;
     }
     let messages = match (args.messages, args.duration) {
         (None, None) => Some(100),
@@ -1186,6 +1211,13 @@ pub async fn chat(target: &Target, args: &ChatArgs) -> anyhow::Result<ChatReport
         .await;
     let connect_s = connect_started.elapsed().as_secs_f64();
 
+    // The stalled connections start with the measured window and run alongside it; they are
+    // not among the N whose latency is measured.
+    let stalls = if args.stalled > 0 {
+        Some(Stalls::start(target, args).await?)
+    } else {
+        None
+    };
     let completed = Arc::new(AtomicU64::new(0));
     let expected = messages.map(|m| m * conns.len() as u64);
     let started = Instant::now();
@@ -1194,15 +1226,19 @@ pub async fn chat(target: &Target, args: &ChatArgs) -> anyhow::Result<ChatReport
         let completed = completed.clone();
         let tally = tally.clone();
         let duration = args.duration;
+        let stall_closed = stalls.as_ref().map(|s| s.closed.clone());
         Progress::start(progress_on, "chat", move || {
             let done = completed.load(Ordering::Relaxed);
             let elapsed = started.elapsed().as_secs_f64();
-            let extra = format!(
+            let mut extra = format!(
                 "{:.0} runs/s  errors {}  violations {}",
                 done as f64 / elapsed.max(0.001),
                 tally.error_total(),
                 tally.violations.load(Ordering::Relaxed)
             );
+            if let Some(c) = &stall_closed {
+                extra += &format!("  stalled closed {}", c.load(Ordering::Relaxed));
+            }
             // With both a count and a duration, whichever is further along.
             let by_count = expected.map(|t| done as f64 / t.max(1) as f64);
             let by_time = duration.map(|d| elapsed / d.as_secs_f64().max(0.001));
@@ -1262,6 +1298,11 @@ pub async fn chat(target: &Target, args: &ChatArgs) -> anyhow::Result<ChatReport
             let _ = c.close().await;
         })
         .await;
+    // The stalled connection in progress finishes its stall (bounded), then the figures.
+    let stalled = match stalls {
+        Some(s) => Some(s.finish(target).await),
+        None => None,
+    };
 
     let runs_completed = latencies.len() as u64;
     let problems = tally.summary();
@@ -1270,7 +1311,8 @@ pub async fn chat(target: &Target, args: &ChatArgs) -> anyhow::Result<ChatReport
         && failed == 0
         && rejected == 0
         && unfinished == 0
-        && connected == args.connections;
+        && connected == args.connections
+        && stalled.as_ref().is_none_or(StalledReport::passed);
     Ok(ChatReport {
         mode: "chat",
         target: target.addr.to_string(),
@@ -1294,6 +1336,7 @@ pub async fn chat(target: &Target, args: &ChatArgs) -> anyhow::Result<ChatReport
         server_cpu_s: server_cpu,
         load_tool_cpu_s: self_cpu,
         problems,
+        stalled,
         passed,
     })
 }
@@ -1387,6 +1430,629 @@ async fn chat_connection(
         o.client = Some(client);
     }
     o
+}
+
+// ---------------------------------------------------------------------------------------------
+// chat --stalled: clients that never read
+// ---------------------------------------------------------------------------------------------
+
+/// The stalled client's receive buffer (the kernel doubles it): small, so the server's writes
+/// block after a few frames and its outbound queue takes the rest.
+const STALL_RCVBUF: u32 = 4096;
+
+/// How often a stalled client checks, after the overflow, whether the server closed it.
+const STALL_PROBE: Duration = Duration::from_millis(5);
+
+/// Stall records kept in the report (the figures cover all of them).
+const MAX_STALL_RECORDS: usize = 20;
+
+/// What happened to one stalled connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct StallRecord {
+    /// Its user, `bench-stalled-K`.
+    pub user: String,
+    /// When it read `connection_established` and stopped reading, seconds after the stalled
+    /// connections started.
+    pub started_s: f64,
+    /// Frames published to it, and how many of them the server's queue accepted.
+    pub published: u64,
+    pub accepted: u64,
+    /// From sending the first frame it left unread to sending the first publish the server
+    /// refused (`delivered: 0`: the queue was full).
+    pub stall_to_overflow_ms: Option<f64>,
+    /// From sending that refused publish to the client's first write that failed because the
+    /// server had closed the socket (resolution: the 5 ms probe interval).
+    pub overflow_to_close_ms: Option<f64>,
+    /// From the first unread frame to the close.
+    pub stall_to_close_ms: Option<f64>,
+    /// `closed after overflow`, or what went wrong.
+    pub end: String,
+}
+
+/// The stalled connections of a `chat --stalled` run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StalledReport {
+    /// K: stalled connections at any time.
+    pub connections: u64,
+    pub frame_bytes: u64,
+    pub publish_rate_per_s: u64,
+    /// Stalled connections opened over the run (each closed one is replaced).
+    pub stalls: u64,
+    /// Of those, how many had a publish refused (queue full), and were then closed.
+    pub overflowed: u64,
+    pub closed_after_overflow: u64,
+    /// Closed within one second of the refused publish being sent.
+    pub closed_within_1s_of_overflow: u64,
+    /// Median of frames the server accepted for one stalled connection before it overflowed
+    /// (its queue plus what the socket buffers took).
+    pub accepted_before_overflow_p50: Option<u64>,
+    pub stall_to_overflow: Percentiles,
+    pub overflow_to_close: Percentiles,
+    pub stall_to_close: Percentiles,
+    /// Over the run, from the server's `/metrics`: `tether_slow_consumer_closes_total` (queue
+    /// overflows) and `tether_connections_closed_total{code="4009"}` (connections ended with
+    /// 4009); none when `/metrics` could not be read.
+    pub slow_consumer_closes: Option<u64>,
+    pub closes_4009: Option<u64>,
+    /// The first stalls, in order.
+    pub records: Vec<StallRecord>,
+    pub problems: Problems,
+}
+
+impl StalledReport {
+    /// Every stalled connection overflowed and was closed, without errors.
+    pub fn passed(&self) -> bool {
+        self.problems.errors == 0
+            && self.problems.violations == 0
+            && self.stalls > 0
+            && self.closed_after_overflow == self.stalls
+    }
+}
+
+/// The stall figures `chat --stalled` reads from `/metrics`: (slow-consumer closes, closes
+/// with 4009).
+async fn slow_consumer_figures(target: &Target) -> Option<(u64, u64)> {
+    let bearer = target.admin_token.as_ref().map(|t| t.expose());
+    let (status, body) = http_get(target.addr, "/metrics", bearer).await.ok()?;
+    if status != 200 {
+        return None;
+    }
+    let get = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+    };
+    Some((
+        get("tether_slow_consumer_closes_total ")?,
+        get("tether_connections_closed_total{code=\"4009\"} ").unwrap_or(0),
+    ))
+}
+
+fn check_stall_args(target: &Target, args: &ChatArgs) -> anyhow::Result<()> {
+    if target.admin_token.is_none() {
+        bail!(
+            "--stalled publishes to the stalled connections (POST /api/users/{{user}}/events): \
+             set TETHER_ADMIN_TOKEN (or --data-dir of the server)"
+        );
+    }
+    if args.stall_rate == 0 {
+        bail!("--stall-rate must be at least 1");
+    }
+    Ok(())
+}
+
+/// The stalled connections of a run: K tasks, each stalling one connection after another
+/// until told to stop.
+struct Stalls {
+    args: ChatArgs,
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+    records: Arc<Mutex<Vec<StallRecord>>>,
+    tally: Arc<Tally>,
+    /// Stalled connections the server closed so far (for the progress line).
+    closed: Arc<AtomicU64>,
+    metrics_before: Option<(u64, u64)>,
+}
+
+impl Stalls {
+    async fn start(target: &Target, args: &ChatArgs) -> anyhow::Result<Self> {
+        check_stall_args(target, args)?;
+        let Some(admin) = target.admin_token.clone() else {
+            bail!("no admin token");
+        };
+        let auth = Auth::hs256(&target.jwt_secret);
+        let metrics_before = slow_consumer_figures(target).await;
+        let stop = CancellationToken::new();
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let tally = Arc::new(Tally::default());
+        let closed = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let body = Arc::new(
+            json!({"type": "bench_stall", "data": {"pad": "x".repeat(args.stall_frame_bytes as usize)}})
+                .to_string(),
+        );
+        let mut tasks = JoinSet::new();
+        for k in 0..args.stalled {
+            let user = format!("bench-stalled-{k}");
+            let token = auth
+                .mint(&user, Duration::from_secs(6 * 3600))
+                .context("cannot mint tokens")?;
+            let slot = StallSlot {
+                target: target.clone(),
+                args: args.clone(),
+                user,
+                token,
+                admin: admin.clone(),
+                body: body.clone(),
+                started,
+                tally: tally.clone(),
+                closed: closed.clone(),
+            };
+            let (stop, records) = (stop.clone(), records.clone());
+            tasks.spawn(async move {
+                let mut http = HttpConn::new(slot.target.addr);
+                while !stop.is_cancelled() {
+                    let (record, again) = slot.stall_once(&mut http).await;
+                    lock(&records).push(record);
+                    if !again {
+                        break;
+                    }
+                }
+            });
+        }
+        Ok(Self {
+            args: args.clone(),
+            stop,
+            tasks,
+            records,
+            tally,
+            closed,
+            metrics_before,
+        })
+    }
+
+    /// Let the stalls in progress finish (each is bounded), then sum them up.
+    async fn finish(mut self, target: &Target) -> StalledReport {
+        self.stop.cancel();
+        // One stall: connect, overflow and close, each within --timeout.
+        let bound = self.args.timeout * 3 + Duration::from_secs(5);
+        let finished = tokio::time::timeout(bound, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if finished.is_err() {
+            self.tasks.abort_all();
+            self.tally
+                .error("stalled connection did not finish".into(), || {
+                    format!("a stall was still going {bound:?} after the load ended")
+                });
+        }
+        let metrics_after = slow_consumer_figures(target).await;
+        let delta = self
+            .metrics_before
+            .zip(metrics_after)
+            .map(|(a, b)| (b.0.saturating_sub(a.0), b.1.saturating_sub(a.1)));
+        let records = std::mem::take(&mut *lock(&self.records));
+        let micros_of = |f: fn(&StallRecord) -> Option<f64>| -> Vec<u32> {
+            records
+                .iter()
+                .filter_map(f)
+                .map(|ms| (ms * 1000.0).round() as u32)
+                .collect()
+        };
+        let overflow_to_close = micros_of(|r| r.overflow_to_close_ms);
+        let mut accepted: Vec<u64> = records
+            .iter()
+            .filter(|r| r.stall_to_overflow_ms.is_some())
+            .map(|r| r.accepted)
+            .collect();
+        accepted.sort_unstable();
+        StalledReport {
+            connections: self.args.stalled,
+            frame_bytes: self.args.stall_frame_bytes,
+            publish_rate_per_s: self.args.stall_rate,
+            stalls: records.len() as u64,
+            overflowed: records
+                .iter()
+                .filter(|r| r.stall_to_overflow_ms.is_some())
+                .count() as u64,
+            closed_after_overflow: overflow_to_close.len() as u64,
+            closed_within_1s_of_overflow: overflow_to_close
+                .iter()
+                .filter(|&&us| us <= 1_000_000)
+                .count() as u64,
+            accepted_before_overflow_p50: accepted
+                .get(accepted.len().saturating_sub(1) / 2)
+                .copied(),
+            stall_to_overflow: Percentiles::from_micros(micros_of(|r| r.stall_to_overflow_ms)),
+            overflow_to_close: Percentiles::from_micros(overflow_to_close),
+            stall_to_close: Percentiles::from_micros(micros_of(|r| r.stall_to_close_ms)),
+            slow_consumer_closes: delta.map(|d| d.0),
+            closes_4009: delta.map(|d| d.1),
+            records: records.into_iter().take(MAX_STALL_RECORDS).collect(),
+            problems: self.tally.summary(),
+        }
+    }
+}
+
+/// One of the K stalled connections, reopened after every close.
+struct StallSlot {
+    target: Target,
+    args: ChatArgs,
+    user: String,
+    token: String,
+    admin: Secret,
+    /// The publish request's body.
+    body: Arc<String>,
+    started: Instant,
+    tally: Arc<Tally>,
+    closed: Arc<AtomicU64>,
+}
+
+fn ms_between(a: Instant, b: Instant) -> f64 {
+    (b.saturating_duration_since(a).as_secs_f64() * 100_000.0).round() / 100.0
+}
+
+impl StallSlot {
+    /// One stalled connection: upgrade, read `connection_established`, then never read again
+    /// while frames are published to it until the server refuses one; then probe until the
+    /// server has closed it. Returns the record and whether to stall another one.
+    async fn stall_once(&self, http: &mut HttpConn) -> (StallRecord, bool) {
+        let timeout = self.args.timeout;
+        let mut rec = StallRecord {
+            user: self.user.clone(),
+            started_s: 0.0,
+            published: 0,
+            accepted: 0,
+            stall_to_overflow_ms: None,
+            overflow_to_close_ms: None,
+            stall_to_close_ms: None,
+            end: String::new(),
+        };
+        let (mut sock, est) =
+            match tokio::time::timeout(timeout, raw_upgrade(self.target.addr, &self.token)).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    self.tally.error("stalled: connect failed".into(), || {
+                        format!("{}: {e:#}", self.user)
+                    });
+                    rec.end = format!("connect failed: {e:#}");
+                    return (rec, false);
+                }
+                Err(_) => {
+                    self.tally.error("stalled: connect timed out".into(), || {
+                        format!(
+                            "{}: no connection_established within {timeout:?}",
+                            self.user
+                        )
+                    });
+                    rec.end = "connect timed out".into();
+                    return (rec, false);
+                }
+            };
+        let stall_start = Instant::now();
+        rec.started_s = stall_start.duration_since(self.started).as_secs_f64();
+
+        // Publish at the set rate until the server refuses a frame: the queue is full.
+        let path = format!("/api/users/{}/events", self.user);
+        let mut tick =
+            tokio::time::interval(Duration::from_secs_f64(1.0 / self.args.stall_rate as f64));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let overflow_deadline = stall_start + timeout;
+        let mut first_unread: Option<Instant> = None;
+        let mut overflow: Option<Instant> = None;
+        while Instant::now() < overflow_deadline {
+            tick.tick().await;
+            let sent = Instant::now();
+            let r = http.post_json(&path, self.admin.expose(), &self.body).await;
+            rec.published += 1;
+            let delivered = match r {
+                Ok((200, body)) => serde_json::from_str::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["delivered"].as_u64()),
+                Ok((status, body)) => {
+                    self.tally
+                        .error(format!("stalled: publish answered {status}"), || {
+                            format!("POST {path}: {status} {}", first_words(&body))
+                        });
+                    rec.end = format!("publish answered {status}");
+                    return (rec, false);
+                }
+                Err(e) => {
+                    self.tally.error("stalled: publish failed".into(), || {
+                        format!("POST {path}: {e:#}")
+                    });
+                    rec.end = format!("publish failed: {e:#}");
+                    return (rec, false);
+                }
+            };
+            first_unread.get_or_insert(sent);
+            match delivered {
+                Some(0) => {
+                    overflow = Some(sent);
+                    break;
+                }
+                Some(_) => rec.accepted += 1,
+                None => {
+                    self.tally
+                        .error("stalled: publish answer without delivered".into(), || {
+                            format!("POST {path}: no \"delivered\" in the answer")
+                        });
+                    rec.end = "publish answer without delivered".into();
+                    return (rec, false);
+                }
+            }
+        }
+        let first_unread = first_unread.unwrap_or(stall_start);
+        if let Some(o) = overflow {
+            rec.stall_to_overflow_ms = Some(ms_between(first_unread, o));
+        }
+
+        // Probe: trickle the bytes of a frame that never completes. The server, stuck in a
+        // write to this socket, does not read them, so when it drops the connection the
+        // kernel resets it, and the next write here fails.
+        let max_len = est["data"]["limits"]["max_message_bytes"]
+            .as_u64()
+            .unwrap_or(65_536)
+            .clamp(126, 65_535) as u16;
+        let mut probe = vec![0x81, 0x80 | 126];
+        probe.extend_from_slice(&max_len.to_be_bytes());
+        probe.extend_from_slice(&[0x5a, 0x5a, 0x5a, 0x5a, b'x']);
+        let mut payload_sent = 1u64;
+        let close_deadline = Instant::now() + timeout;
+        let mut tick = tokio::time::interval(STALL_PROBE);
+        let closed = loop {
+            tick.tick().await;
+            if payload_sent + 1 < u64::from(max_len) {
+                // Written, or not yet (the send buffer is full): still open.
+                let write = tokio::time::timeout(STALL_PROBE, sock.write_all(&probe)).await;
+                if let Ok(Err(_)) = write {
+                    break Some(Instant::now());
+                }
+                if probe.len() > 1 {
+                    probe = vec![b'x'];
+                } else {
+                    payload_sent += 1;
+                }
+            }
+            if Instant::now() >= close_deadline {
+                break None;
+            }
+        };
+        drop(sock);
+        if let Some(c) = closed {
+            self.closed.fetch_add(1, Ordering::Relaxed);
+            rec.stall_to_close_ms = Some(ms_between(first_unread, c));
+        }
+        rec.end = match (overflow, closed) {
+            (Some(o), Some(c)) => {
+                rec.overflow_to_close_ms = Some(ms_between(o, c));
+                "closed after overflow".into()
+            }
+            (Some(_), None) => {
+                self.tally
+                    .error("stalled: not closed after overflow".into(), || {
+                        format!(
+                            "{}: still open {timeout:?} after its queue overflowed",
+                            self.user
+                        )
+                    });
+                "not closed after overflow".into()
+            }
+            (None, Some(_)) => {
+                self.tally
+                    .error("stalled: closed before overflow".into(), || {
+                        format!(
+                            "{}: closed without a refused publish ({} accepted)",
+                            self.user, rec.accepted
+                        )
+                    });
+                "closed before overflow".into()
+            }
+            (None, None) => {
+                self.tally.error("stalled: no overflow".into(), || {
+                    format!(
+                        "{}: {} frames accepted in {timeout:?}, no overflow, no close",
+                        self.user, rec.accepted
+                    )
+                });
+                "neither overflowed nor closed".into()
+            }
+        };
+        (rec, true)
+    }
+}
+
+/// Upgrade a raw TCP socket with a small receive buffer and read `connection_established` (and
+/// nothing else): a client that then never reads again.
+async fn raw_upgrade(
+    addr: SocketAddr,
+    token: &str,
+) -> anyhow::Result<(tokio::net::TcpStream, Value)> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_recv_buffer_size(STALL_RCVBUF)?;
+    let mut s = socket.connect(addr).await?;
+    s.set_nodelay(true)?;
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut head_end = None;
+    loop {
+        if head_end.is_none() {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let status = String::from_utf8_lossy(&buf[..i]);
+                let status = status.lines().next().unwrap_or("").to_string();
+                if status.split_whitespace().nth(1) != Some("101") {
+                    bail!("upgrade refused: {status}");
+                }
+                head_end = Some(i + 4);
+            }
+        }
+        if let Some(h) = head_end {
+            if let Some(v) = first_server_frame(&buf[h..])? {
+                if v["type"] != "connection_established" {
+                    bail!(
+                        "first frame is {} instead of connection_established",
+                        v["type"]
+                    );
+                }
+                return Ok((s, v));
+            }
+        }
+        if buf.len() > 256 * 1024 {
+            bail!("no connection_established in the first 256 KiB");
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("connection closed before connection_established");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The first WebSocket frame in `b` (a server's: unmasked), as JSON, once it is complete.
+fn first_server_frame(b: &[u8]) -> anyhow::Result<Option<Value>> {
+    let (len, at) = match b {
+        [_, l, ..] if l & 0x80 != 0 => bail!("masked frame from the server"),
+        [_, 126, x, y, ..] => (usize::from(u16::from_be_bytes([*x, *y])), 4),
+        [_, 127, rest @ ..] if rest.len() >= 8 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&rest[..8]);
+            (
+                usize::try_from(u64::from_be_bytes(n)).unwrap_or(usize::MAX),
+                10,
+            )
+        }
+        [_, l, ..] if *l < 126 => (usize::from(*l), 2),
+        _ => return Ok(None),
+    };
+    if b[0] & 0x0f != 1 {
+        bail!("first frame has opcode {}, not text", b[0] & 0x0f);
+    }
+    if len > 1024 * 1024 {
+        bail!("first frame of {len} bytes");
+    }
+    match b.get(at..at + len) {
+        Some(payload) => Ok(Some(
+            serde_json::from_slice(payload).context("first frame is not JSON")?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// A kept-alive HTTP/1.1 connection for POSTs (a few lines instead of an HTTP client crate).
+struct HttpConn {
+    addr: SocketAddr,
+    conn: Option<tokio::io::BufReader<tokio::net::TcpStream>>,
+}
+
+impl HttpConn {
+    fn new(addr: SocketAddr) -> Self {
+        Self { addr, conn: None }
+    }
+
+    /// POST a JSON body; the status and body of the answer. Bounded in time.
+    async fn post_json(
+        &mut self,
+        path: &str,
+        bearer: &str,
+        body: &str,
+    ) -> anyhow::Result<(u16, String)> {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {bearer}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        // A kept-alive connection the server closed in the meantime fails at once: one more try
+        // on a new connection.
+        for _ in 0..2 {
+            let reused = self.conn.is_some();
+            if !reused {
+                let s = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    tokio::net::TcpStream::connect(self.addr),
+                )
+                .await
+                .context("connect timed out")??;
+                s.set_nodelay(true)?;
+                self.conn = Some(tokio::io::BufReader::new(s));
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                bail!("no connection");
+            };
+            match tokio::time::timeout(Duration::from_secs(10), http_exchange(conn, &req)).await {
+                Ok(Ok((status, body, keep))) => {
+                    if !keep {
+                        self.conn = None;
+                    }
+                    return Ok((status, body));
+                }
+                Ok(Err(e)) => {
+                    self.conn = None;
+                    if !reused {
+                        return Err(e);
+                    }
+                }
+                Err(_) => {
+                    self.conn = None;
+                    bail!("POST {path} timed out");
+                }
+            }
+        }
+        bail!("POST {path}: the connection failed twice")
+    }
+}
+
+/// Write one request, read one answer with a Content-Length body: (status, body, keep-alive).
+async fn http_exchange(
+    c: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+    req: &str,
+) -> anyhow::Result<(u16, String, bool)> {
+    c.get_mut().write_all(req.as_bytes()).await?;
+    let mut line = String::new();
+    let mut head = (&mut *c).take(64 * 1024);
+    head.read_line(&mut line).await?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .with_context(|| format!("malformed HTTP status line {line:?}"))?;
+    let (mut len, mut keep) = (None, true);
+    loop {
+        line.clear();
+        if head.read_line(&mut line).await? == 0 {
+            bail!("connection closed in the middle of an HTTP answer");
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (name, value) = l.split_once(':').unwrap_or((l, ""));
+        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+        if name == "content-length" {
+            len = value.parse::<usize>().ok();
+        } else if name == "connection" && value.eq_ignore_ascii_case("close") {
+            keep = false;
+        }
+    }
+    let len = len.context("HTTP answer without Content-Length")?;
+    if len > 1024 * 1024 {
+        bail!("HTTP answer of {len} bytes");
+    }
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body).await?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned(), keep))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2183,6 +2849,11 @@ pub async fn run(args: BenchArgs, config: &Config) -> anyhow::Result<bool> {
     match args.mode {
         BenchMode::Chat(a) => {
             let target = Target::resolve(&a.common, config)?;
+            if a.stalled_compare {
+                let r = chat_stalled_compare(&target, &a).await?;
+                print_report(&a.common, &r, || stalled_compare_summary(&r));
+                return Ok(r.passed);
+            }
             let r = chat(&target, &a).await?;
             print_report(&a.common, &r, || chat_summary(&r));
             Ok(r.passed)
@@ -2293,6 +2964,139 @@ pub fn chat_summary(r: &ChatReport) -> String {
         );
     }
     s += &problems_summary(&r.problems);
+    if let Some(st) = &r.stalled {
+        s += &stalled_summary(st);
+    }
+    s += verdict(r.passed);
+    s
+}
+
+fn stalled_summary(st: &StalledReport) -> String {
+    let mut s = format!(
+        "  stalled   {} at a time, never reading ({} B frames published at {}/s each): {} stalled, \
+         {} overflowed, {} closed after it ({} within 1 s)\n",
+        st.connections,
+        st.frame_bytes,
+        st.publish_rate_per_s,
+        st.stalls,
+        st.overflowed,
+        st.closed_after_overflow,
+        st.closed_within_1s_of_overflow,
+    );
+    s += &format!(
+        "            overflow {:.0} ms after the first unread frame (p50; {} frames accepted)\n",
+        st.stall_to_overflow.p50_ms,
+        opt(st.accepted_before_overflow_p50),
+    );
+    s += &format!(
+        "            closed   {:.1} ms after the overflow (p50; max {:.1} ms), {:.0} ms after the first unread frame\n",
+        st.overflow_to_close.p50_ms, st.overflow_to_close.max_ms, st.stall_to_close.p50_ms,
+    );
+    s += &format!(
+        "            server   slow-consumer closes +{}, connections closed with 4009 +{} (/metrics)\n",
+        opt(st.slow_consumer_closes),
+        opt(st.closes_4009),
+    );
+    if st.problems.errors > 0 || st.problems.violations > 0 {
+        s += &problems_summary(&st.problems).replacen("  problems", "  stalled problems", 1);
+    }
+    s
+}
+
+/// The result of `tether bench chat --stalled-compare`: the same load without and with K
+/// stalled connections, one after the other on the same server.
+#[derive(Debug, Clone, Serialize)]
+pub struct StalledCompareReport {
+    pub mode: &'static str,
+    pub target: String,
+    pub stalled: u64,
+    pub without: ChatReport,
+    pub with: ChatReport,
+    /// The N connections' figures with the stalled ones over without.
+    pub p50_ratio: f64,
+    pub p99_ratio: f64,
+    pub runs_per_s_ratio: f64,
+    pub passed: bool,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        (a / b * 1000.0).round() / 1000.0
+    } else {
+        f64::NAN
+    }
+}
+
+/// Run the chat load twice on the same server: without, then with `--stalled` K (at least 1).
+pub async fn chat_stalled_compare(
+    target: &Target,
+    args: &ChatArgs,
+) -> anyhow::Result<StalledCompareReport> {
+    let k = args.stalled.max(1);
+    let with_args = ChatArgs {
+        stalled: k,
+        stalled_compare: false,
+        ..args.clone()
+    };
+    // Refuse before the first run, not after it.
+    check_stall_args(target, &with_args)?;
+    let without = chat(
+        target,
+        &ChatArgs {
+            stalled: 0,
+            stalled_compare: false,
+            ..args.clone()
+        },
+    )
+    .await?;
+    let with = chat(target, &with_args).await?;
+    Ok(StalledCompareReport {
+        mode: "chat --stalled-compare",
+        target: target.addr.to_string(),
+        stalled: k,
+        p50_ratio: ratio(with.latency.p50_ms, without.latency.p50_ms),
+        p99_ratio: ratio(with.latency.p99_ms, without.latency.p99_ms),
+        runs_per_s_ratio: ratio(with.runs_per_s, without.runs_per_s),
+        passed: without.passed && with.passed,
+        without,
+        with,
+    })
+}
+
+/// Both runs' summaries, then the comparison.
+pub fn stalled_compare_summary(r: &StalledCompareReport) -> String {
+    let mut s = String::from("[1/2] without stalled connections\n");
+    s += &chat_summary(&r.without);
+    s += &format!("[2/2] with {} stalled connection(s)\n", r.stalled);
+    s += &chat_summary(&r.with);
+    let line = |label: &str, c: &ChatReport| {
+        format!(
+            "  {label:<9} {:>8.0} runs/s  p50 {:>7.2} ms  p99 {:>7.2} ms\n",
+            c.runs_per_s, c.latency.p50_ms, c.latency.p99_ms
+        )
+    };
+    s += &format!(
+        "tether bench chat --stalled-compare -> {}: the {} others, without and with {} stalled\n",
+        r.target, r.with.connected, r.stalled
+    );
+    s += &line("without", &r.without);
+    s += &line("with", &r.with);
+    s += &format!(
+        "  ratio     p50 {:.3}  p99 {:.3} ({:+.1} %)  runs/s {:.3}  (with / without)\n",
+        r.p50_ratio,
+        r.p99_ratio,
+        (r.p99_ratio - 1.0) * 100.0,
+        r.runs_per_s_ratio
+    );
+    if let Some(st) = &r.with.stalled {
+        s += &format!(
+            "  stalled   {} closed after overflow of {}: {:.1} ms after the overflow (p50; max {:.1} ms)\n",
+            st.closed_after_overflow,
+            st.stalls,
+            st.overflow_to_close.p50_ms,
+            st.overflow_to_close.max_ms
+        );
+    }
     s += verdict(r.passed);
     s
 }
@@ -2605,6 +3409,40 @@ mod tests {
         assert!(!Residue::from_stats(&s).is_zero());
         let s = json!({"connections": 0, "managers": 0, "sessions_open": 0, "audit_rows_open": 0, "runs": {"active": 2}});
         assert!(!Residue::from_stats(&s).is_zero());
+    }
+
+    #[test]
+    fn the_first_server_frame_parses_once_complete() {
+        let json = br#"{"type":"connection_established","data":{}}"#;
+        let mut f = vec![0x81, json.len() as u8];
+        f.extend_from_slice(json);
+        assert_eq!(
+            first_server_frame(&f).unwrap().unwrap()["type"],
+            "connection_established"
+        );
+        // Incomplete: not yet.
+        assert!(first_server_frame(&f[..1]).unwrap().is_none());
+        assert!(first_server_frame(&f[..f.len() - 1]).unwrap().is_none());
+        // The 16-bit length form, and what may follow the frame.
+        let big = format!(r#"{{"type":"x","pad":"{}"}}"#, "y".repeat(300));
+        let mut g = vec![0x81, 126];
+        g.extend_from_slice(&(big.len() as u16).to_be_bytes());
+        g.extend_from_slice(big.as_bytes());
+        g.extend_from_slice(&[0x81, 0x01]);
+        assert_eq!(first_server_frame(&g).unwrap().unwrap()["type"], "x");
+        // Masked (a server must not), binary, or not JSON: errors.
+        assert!(first_server_frame(&[0x81, 0x85, 0, 0, 0, 0]).is_err());
+        assert!(first_server_frame(&[0x82, 0x01, b'{']).is_err());
+        assert!(first_server_frame(&[0x81, 0x01, b'{']).is_err());
+    }
+
+    #[test]
+    fn stall_options_parse() {
+        let c = ChatArgs::default();
+        assert_eq!((c.stalled, c.stalled_compare), (0, false));
+        assert_eq!((c.stall_rate, c.stall_frame_bytes), (200, 4096));
+        assert!(ratio(1.0, 0.0).is_nan());
+        assert_eq!(ratio(1.1, 1.0), 1.1);
     }
 
     #[test]

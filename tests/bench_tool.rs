@@ -87,3 +87,57 @@ async fn churn_without_an_admin_token_is_refused_not_passed() {
     let err = bench::churn(&t, &ChurnArgs::default()).await.unwrap_err();
     assert!(err.to_string().contains("TETHER_ADMIN_TOKEN"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_with_a_stalled_client_closes_it_and_serves_the_others() {
+    // A small queue, so the stalled connection overflows after a few frames.
+    let app = spawn_with(|c| c.outbound_queue = 16).await;
+    let args = ChatArgs {
+        connections: 3,
+        messages: Some(5),
+        stalled: 1,
+        // Large frames: the server's socket send buffer (up to 4 MiB here) fills first.
+        stall_rate: 1000,
+        stall_frame_bytes: 32 * 1024,
+        ..ChatArgs::default()
+    };
+    let r = bench::chat(&target(&app), &args).await.expect("chat runs");
+    // The others: every run completed and checked.
+    assert_eq!(r.problems.violations, 0, "{:?}", r.problems);
+    assert_eq!(r.problems.errors, 0, "{:?}", r.problems);
+    assert_eq!((r.connected, r.runs_completed), (3, 15), "{r:?}");
+    // The stalled one: its queue overflowed and the server closed it.
+    let st = r.stalled.as_ref().expect("a stalled report");
+    assert!(st.stalls >= 1, "{st:?}");
+    assert_eq!(st.problems.errors, 0, "{:?}", st.problems);
+    assert_eq!(st.closed_after_overflow, st.stalls, "{st:?}");
+    assert!(st.records[0].accepted >= 16, "{st:?}");
+    assert!(st.overflow_to_close.count >= 1 && st.overflow_to_close.max_ms < 10_000.0);
+    // The server counted it: an overflow, and a connection ended with 4009.
+    assert!(st.slow_consumer_closes >= Some(1), "{st:?}");
+    assert!(st.closes_4009 >= Some(1), "{st:?}");
+    assert!(r.passed);
+    assert!(bench::chat_summary(&r).contains("closed after it"));
+    // Nothing of the stalled connections is left.
+    app.wait_stats("connections released", |s| s["connections"] == 0)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_without_an_admin_token_are_refused_not_passed() {
+    let app = spawn_app().await;
+    let t = Target {
+        admin_token: None,
+        ..target(&app)
+    };
+    let args = ChatArgs {
+        stalled: 1,
+        ..ChatArgs::default()
+    };
+    let err = bench::chat(&t, &args).await.unwrap_err();
+    assert!(err.to_string().contains("TETHER_ADMIN_TOKEN"), "{err}");
+    let err = bench::chat_stalled_compare(&t, &ChatArgs::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("TETHER_ADMIN_TOKEN"), "{err}");
+}
