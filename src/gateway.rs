@@ -811,6 +811,17 @@ const WRITE_STALL: Duration = Duration::from_secs(10);
 
 /// How long a pending write may still take once a close was requested.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// The same for a slow consumer: its write is most likely stuck behind a peer that stopped
+/// reading, and it must be gone within a second of its queue overflowing.
+const SLOW_CONSUMER_GRACE: Duration = Duration::from_millis(200);
+
+fn close_grace(code: u16) -> Duration {
+    if code == CloseReason::SlowConsumer.code() {
+        SLOW_CONSUMER_GRACE
+    } else {
+        CLOSE_GRACE
+    }
+}
 
 /// How long the socket is kept after a close frame the server sent (see [`linger`]).
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
@@ -954,7 +965,7 @@ impl Connection {
         tokio::select! {
             biased;
             r = &mut write => stalled(r),
-            req = shared.closed() => match tokio::time::timeout(CLOSE_GRACE, &mut write).await {
+            req = shared.closed() => match tokio::time::timeout(close_grace(req.code), &mut write).await {
                 // Written: the frame loop sees the close request next and sends the close frame.
                 Ok(r) => stalled(r),
                 Err(_) => Err(End::Dropped(CloseReason::from_request(req.code, &req.reason))),
