@@ -241,17 +241,8 @@ fn run_frames(
     let call = tether::ids::tool_call_id();
     let started = std::time::Instant::now();
     let count = tether::agent::word_count(content);
-    let words = count["words"].as_u64().unwrap_or(0);
-    let chars = count["characters"].as_u64().unwrap_or(0);
-    let reply = format!(
-        "(demo agent) You said: \"{content}\" ({words} word{}, {chars} character{}). I am a demo without a model; connect a real agent to get real answers.",
-        if words == 1 { "" } else { "s" },
-        if chars == 1 { "" } else { "s" },
-    );
-    let cut = reply
-        .char_indices()
-        .nth(reply.chars().count() / 2)
-        .map_or(reply.len(), |(i, _)| i);
+    let reply = tether::agent::demo_reply(content, &count);
+    let (first_half, second_half) = tether::agent::halves(&reply);
     let ack_seq = next();
     let mut out = Vec::with_capacity(8);
     out.push(protocol::frame(
@@ -282,12 +273,12 @@ fn run_frames(
     out.push(protocol::frame(
         "agent_text_delta",
         meta(thread_id, run, None, reply_to),
-        &json!({"message_id": reply_id, "offset": 0, "delta": &reply[..cut]}),
+        &json!({"message_id": reply_id, "offset": 0, "delta": first_half}),
     ));
     out.push(protocol::frame(
         "agent_text_delta",
         meta(thread_id, run, None, reply_to),
-        &json!({"message_id": reply_id, "offset": reply[..cut].chars().count(), "delta": &reply[cut..]}),
+        &json!({"message_id": reply_id, "offset": first_half.chars().count(), "delta": second_half}),
     ));
     out.push(protocol::frame(
         "agent_completed",

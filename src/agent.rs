@@ -302,6 +302,26 @@ pub fn word_count(text: &str) -> Value {
     json!({ "words": text.split_whitespace().count(), "characters": text.chars().count() })
 }
 
+/// The demo agent's reply to `content`, given its word count (`word_count`'s output).
+pub fn demo_reply(content: &str, count: &Value) -> String {
+    let words = count["words"].as_u64().unwrap_or(0);
+    let chars = count["characters"].as_u64().unwrap_or(0);
+    format!(
+        "(demo agent) You said: \"{content}\" ({words} word{}, {chars} character{}). I am a demo without a model; connect a real agent to get real answers.",
+        if words == 1 { "" } else { "s" },
+        if chars == 1 { "" } else { "s" },
+    )
+}
+
+/// `text` cut in two at its middle character (the demo's two text deltas).
+pub fn halves(text: &str) -> (&str, &str) {
+    let cut = text
+        .char_indices()
+        .nth(text.chars().count() / 2)
+        .map_or(text.len(), |(i, _)| i);
+    text.split_at(cut)
+}
+
 #[async_trait]
 impl Agent for DemoAgent {
     fn name(&self) -> &str {
@@ -321,22 +341,12 @@ impl Agent for DemoAgent {
         self.pace().await;
         sink.tool_completed("word_count", &call, output.clone(), started.elapsed())
             .await?;
-        let words = output["words"].as_u64().unwrap_or(0);
-        let chars = output["characters"].as_u64().unwrap_or(0);
-        let reply = format!(
-            "(demo agent) You said: \"{}\" ({words} word{}, {chars} character{}). I am a demo without a model; connect a real agent to get real answers.",
-            input.content,
-            if words == 1 { "" } else { "s" },
-            if chars == 1 { "" } else { "s" },
-        );
+        let reply = demo_reply(&input.content, &output);
         // Stream the reply in two pieces, as a real agent would token by token.
-        let cut = reply
-            .char_indices()
-            .nth(reply.chars().count() / 2)
-            .map_or(reply.len(), |(i, _)| i);
-        sink.text_delta(&reply[..cut]).await?;
+        let (first, second) = halves(&reply);
+        sink.text_delta(first).await?;
         self.pace().await;
-        sink.text_delta(&reply[cut..]).await?;
+        sink.text_delta(second).await?;
         Ok(reply)
     }
 }

@@ -968,7 +968,7 @@ impl Connection {
             req = shared.closed() => match tokio::time::timeout(close_grace(req.code), &mut write).await {
                 // Written: the frame loop sees the close request next and sends the close frame.
                 Ok(r) => stalled(r),
-                Err(_) => Err(End::Dropped(CloseReason::from_request(req.code, &req.reason))),
+                Err(_) => Err(End::Dropped(CloseReason::from_request(req.code))),
             },
         }
     }
@@ -1020,7 +1020,7 @@ impl Connection {
             let deadline = ping_sent.map_or(next_ping, |t| t + pong_timeout);
             let step = tokio::select! {
                 biased;
-                req = shared.closed() => Err(End::Close(CloseReason::from_request(req.code, &req.reason))),
+                req = shared.closed() => Err(End::Close(CloseReason::from_request(req.code))),
                 _ = shutdown.cancelled() => Err(End::Close(CloseReason::ShuttingDown)),
                 _ = sleep_until(deadline) => {
                     if ping_sent.is_some() {

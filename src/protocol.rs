@@ -125,7 +125,7 @@ impl CloseReason {
 
     /// The reason for a close another component asked for by code (registry requests: queue
     /// overflow, admin disconnect, shutdown).
-    pub fn from_request(code: u16, _reason: &str) -> Self {
+    pub fn from_request(code: u16) -> Self {
         match code {
             4009 => Self::SlowConsumer,
             1001 => Self::ShuttingDown,
