@@ -175,15 +175,11 @@ async fn history_and_events_api_return_stored_events() {
     assert_eq!(seqs(h["data"]["events"].as_array().unwrap()), vec![3, 4, 5]);
 
     let http = reqwest::Client::new();
-    let body: Value = http
-        .get(app.http(&format!("/api/threads/{thread}/events?since=1")))
-        .bearer_auth(app.token("alice"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = get_json(
+        &app.http(&format!("/api/threads/{thread}/events?since=1")),
+        &app.token("alice"),
+    )
+    .await;
     assert_eq!(body["thread_id"], thread.as_str());
     assert_eq!(body["last_seq"], 6);
     assert_eq!(
@@ -202,15 +198,7 @@ async fn history_and_events_api_return_stored_events() {
     let err: Value = res.json().await.unwrap();
     assert_eq!(err["error"]["code"], "forbidden_thread");
 
-    let threads: Value = http
-        .get(app.http("/api/threads"))
-        .bearer_auth(app.token("alice"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let threads: Value = get_json(&app.http("/api/threads"), &app.token("alice")).await;
     assert_eq!(threads["threads"][0]["thread_id"], thread.as_str());
     assert_eq!(threads["threads"][0]["last_seq"], 6);
 }

@@ -128,15 +128,7 @@ impl TestApp {
     }
 
     pub async fn stats(&self) -> Value {
-        reqwest::Client::new()
-            .get(self.http("/api/stats"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        get_json(&self.http("/api/stats"), ADMIN).await
     }
 
     /// Poll `/api/stats` until `pred` holds (or fail after a deadline).
@@ -188,6 +180,19 @@ impl Drop for TestApp {
             let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
+}
+
+/// `GET url` with a bearer token, as JSON.
+pub async fn get_json(url: &str, bearer: &str) -> Value {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(bearer)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// Send a user message and collect frames up to the run's end.
