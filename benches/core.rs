@@ -182,6 +182,7 @@ fn store_commit(c: &mut Criterion) {
             reply_to: None,
             data: json!({"thought": i}),
             ack: None,
+            prepared: None,
         })
     };
     g.bench_function("commit_one_event_alone", |b| {

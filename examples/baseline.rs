@@ -22,6 +22,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::serve::ListenerExt as _;
 use axum::Router;
+use futures_util::SinkExt as _;
 use serde_json::json;
 use tether::protocol::{self, ClientRequest, FrameMeta};
 
@@ -131,7 +132,8 @@ async fn main() {
 async fn ws_handler(State(read_buffer): State<usize>, ws: WebSocketUpgrade) -> Response {
     ws.protocols([protocol::PROTOCOL])
         .read_buffer_size(read_buffer)
-        .write_buffer_size(0)
+        // As Tether: frames fed in one burst leave in one write.
+        .write_buffer_size(16 * 1024)
         .max_write_buffer_size(MAX_MESSAGE_BYTES + 64 * 1024)
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES)
@@ -198,11 +200,11 @@ async fn connection(mut socket: WebSocket) {
                 &e.message,
             )],
         };
-        for f in frames {
-            // One write per frame, as Tether does (write buffer 0).
-            if socket.send(Message::Text(f.into())).await.is_err() {
-                return;
-            }
+        // One write for the whole reply, as Tether writes the frames a commit delivers together.
+        let mut out =
+            futures_util::stream::iter(frames.into_iter().map(|f| Ok(Message::Text(f.into()))));
+        if socket.send_all(&mut out).await.is_err() {
+            return;
         }
     }
 }

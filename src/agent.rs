@@ -9,7 +9,12 @@
 //! Every event is written through a session of the run's context. The sink submits without
 //! waiting for each commit (the store keeps their order and delivers each only after its
 //! commit), so a fast agent's events share group commits; the run waits for all of them before
-//! it is over.
+//! it is over. A run starts without waiting for its user message's commit either: its sessions
+//! require the message session's [`Gate`], so they are stored (and delivered) only if the
+//! message is, and a fast run often commits in the same transaction as its message. An agent
+//! with effects outside Tether (the HTTP agent calls a service) should therefore not act on a
+//! message before [`EventSink`] has stored something, or accept that it may see a message that
+//! was never stored (a database failure).
 //!
 //! [`DemoAgent`] is the built-in agent. It is a demo and says so: no model, it counts the words
 //! of the message with a real (small) tool and echoes the text.
@@ -26,7 +31,7 @@ use crate::context::UserExecutionContext;
 use crate::ids;
 use crate::metrics::{metrics, RunOutcome};
 use crate::protocol::{self, FrameMeta};
-use crate::session::{CommitReceipt, NewEvent, Role, SessionFactory, Write};
+use crate::session::{CommitReceipt, Gate, NewEvent, Role, SessionFactory, Write};
 use crate::store::StoreError;
 
 /// Why a run ended without a reply. `code` is the `agent_error` code on the wire.
@@ -75,8 +80,11 @@ impl AgentError {
 pub struct RunInput {
     /// The user's message.
     pub content: String,
-    /// The id of the stored user message that started the run.
+    /// The id of the user message that started the run.
     pub message_id: String,
+    /// The gate of the session that stores the message, when the run starts before that commit
+    /// is confirmed: the run's events are then stored only if the message is.
+    pub after: Option<Gate>,
 }
 
 /// An agent.
@@ -99,10 +107,17 @@ pub struct EventSink {
     receipts: Vec<CommitReceipt>,
     reply_message_id: String,
     delta_offset: usize,
+    /// The gate of the user message's session: every session of the run requires it.
+    after: Option<Gate>,
 }
 
 impl EventSink {
-    fn new(factory: SessionFactory, ctx: UserExecutionContext, reply_to: Option<Arc<str>>) -> Self {
+    fn new(
+        factory: SessionFactory,
+        ctx: UserExecutionContext,
+        reply_to: Option<Arc<str>>,
+        after: Option<Gate>,
+    ) -> Self {
         Self {
             factory,
             ctx,
@@ -110,6 +125,7 @@ impl EventSink {
             receipts: Vec::new(),
             reply_message_id: ids::message_id(),
             delta_offset: 0,
+            after,
         }
     }
 
@@ -124,11 +140,15 @@ impl EventSink {
             reply_to: self.reply_to.clone(),
             data,
             ack: None,
+            prepared: None,
         })
     }
 
     async fn emit(&mut self, writes: Vec<Write>) -> Result<(), AgentError> {
         let mut session = self.factory.create_session_from_context(&self.ctx);
+        if let Some(gate) = &self.after {
+            session.stage(Write::Requires(gate.clone()));
+        }
         for w in writes {
             session.stage(w);
         }
@@ -221,7 +241,7 @@ pub async fn drive_run(
         m.runs_active.inc();
         let started = Instant::now();
         tracing::info!("run started");
-        let mut sink = EventSink::new(factory.clone(), ctx.clone(), reply_to);
+        let mut sink = EventSink::new(factory.clone(), ctx.clone(), reply_to, input.after.clone());
         let started_ev = sink.event("agent_started", json!({ "agent": agent.name(), "run_id": ctx.run_id() }));
         let mut result = match sink.emit(vec![started_ev]).await {
             Ok(()) => {

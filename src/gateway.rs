@@ -46,7 +46,7 @@ use crate::ids;
 use crate::metrics::{metrics, InKind, LiveGauges, MismatchSource, OutKind, Rejection};
 use crate::protocol::{self, ClientRequest, CloseReason, ErrorCode, FrameMeta};
 use crate::registry::{ConnHandle, ConnShared, OutFrame, OutQueue, Registry, RegistryGuard};
-use crate::session::{AckTo, NewEvent, Role, SessionFactory, Write};
+use crate::session::{AckTo, Gate, NewEvent, Role, SessionFactory, Write};
 use crate::store::Store;
 
 /// Everything the routes and connection tasks share.
@@ -661,7 +661,8 @@ async fn ws_handler(
     let tracker = st.tracker.clone();
     ws.protocols([protocol::PROTOCOL])
         .read_buffer_size(st.config.ws_read_buffer_bytes as usize)
-        .write_buffer_size(0)
+        // Frames fed in one burst (see `forward`) leave in one write; a single `send` flushes.
+        .write_buffer_size(WRITE_BATCH_BYTES)
         .max_write_buffer_size(max + 64 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
@@ -808,6 +809,11 @@ impl RateLimiter {
 
 /// How long one write may block before the peer counts as stalled.
 const WRITE_STALL: Duration = Duration::from_secs(10);
+/// Frames taken from the outbound queue for one write.
+const WRITE_BATCH_FRAMES: usize = 32;
+/// tungstenite buffers fed frames up to this size before writing; a flush writes the rest. The
+/// buffer is allocated only while a burst is written.
+const WRITE_BATCH_BYTES: usize = 16 * 1024;
 
 /// How long a pending write may still take once a close was requested.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -954,8 +960,14 @@ impl Connection {
     /// disconnect), the write gets [`CLOSE_GRACE`] more to finish, so the close frame can
     /// follow it; otherwise the connection is dropped at once, without a close frame.
     async fn send(&mut self, msg: Message) -> Result<(), End> {
+        self.send_all(std::iter::once(msg)).await
+    }
+
+    /// [`Connection::send`] for several frames, flushed once: one write for a burst.
+    async fn send_all(&mut self, msgs: impl Iterator<Item = Message>) -> Result<(), End> {
         let shared = self.shared.clone();
-        let write = tokio::time::timeout(WRITE_STALL, self.sink.send(msg));
+        let mut msgs = futures_util::stream::iter(msgs.map(Ok));
+        let write = tokio::time::timeout(WRITE_STALL, self.sink.send_all(&mut msgs));
         tokio::pin!(write);
         let stalled = |r: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>| match r {
             Ok(Ok(())) => Ok(()),
@@ -1032,7 +1044,7 @@ impl Connection {
                         Box::pin(self.send(Message::Ping(Default::default()))).await
                     }
                 }
-                f = rx.recv() => Box::pin(self.forward(f)).await,
+                f = rx.recv() => Box::pin(self.forward(f, rx)).await,
                 msg = stream.next() => match msg {
                     None => Err(End::Lost),
                     Some(Err(e)) => Err(End::from_ws_error(e, self.st.config.max_message_bytes as usize)),
@@ -1116,20 +1128,32 @@ impl Connection {
         Ok(())
     }
 
-    /// Forward a queued frame, dropping thread events the replay already sent.
-    async fn forward(&mut self, f: OutFrame) -> Result<(), End> {
-        if f.seq > 0 {
-            if f.seq <= self.last_sent_seq {
-                return Ok(());
+    /// Forward a queued frame and whatever else is queued behind it (at most
+    /// [`WRITE_BATCH_FRAMES`]) in one write, dropping thread events the replay already sent.
+    /// A run's frames usually arrive together, after one commit: one syscall instead of eight.
+    async fn forward(&mut self, first: OutFrame, rx: &mut OutQueue) -> Result<(), End> {
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        while let Some(f) = next.take() {
+            if f.seq == 0 || f.seq > self.last_sent_seq {
+                if f.seq > 0 {
+                    self.last_sent_seq = f.seq;
+                }
+                metrics().message_out(if f.droppable {
+                    OutKind::TextDelta
+                } else {
+                    OutKind::ThreadEvent
+                });
+                batch.push(Message::Text(f.text));
             }
-            self.last_sent_seq = f.seq;
+            if batch.len() < WRITE_BATCH_FRAMES {
+                next = rx.try_recv();
+            }
         }
-        metrics().message_out(if f.droppable {
-            OutKind::TextDelta
-        } else {
-            OutKind::ThreadEvent
-        });
-        self.send(Message::Text(f.text)).await
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.send_all(batch.into_iter()).await
     }
 
     async fn on_text(&mut self, text: &str) -> Result<(), End> {
@@ -1241,8 +1265,10 @@ impl Connection {
         }
     }
 
-    /// Store the message (the writer sends the `ack` after the commit), then run the agent with
-    /// a child context. The frame loop does not wait for either.
+    /// Store the message (the writer sends the `ack` after the commit) and run the agent with a
+    /// child context at once: the run's sessions queue behind the message's and require its
+    /// gate, so they are stored only if the message is, and a fast run shares its message's
+    /// commit. The frame loop waits for neither.
     async fn on_user_message(
         &mut self,
         content: String,
@@ -1259,6 +1285,7 @@ impl Connection {
         };
         let message_id = ids::message_id();
         let reply_to: Option<Arc<str>> = client_id.as_deref().map(Into::into);
+        let gate = Gate::new(&self.ctx);
         let mut session = self.st.sessions.create_session_from_context(&self.ctx);
         session
             .stage(Write::Event(NewEvent {
@@ -1270,6 +1297,7 @@ impl Connection {
                     message_id: message_id.clone(),
                     run_id: run_ctx.run_id().to_string(),
                 }),
+                prepared: None,
             }))
             .stage(Write::Message {
                 message_id: message_id.clone(),
@@ -1277,7 +1305,8 @@ impl Connection {
                 content: content.clone(),
                 run_id: Some(run_ctx.run_id().to_string()),
             })
-            .stage(Write::RunStarted { run: run_ctx.clone() });
+            .stage(Write::RunStarted { run: run_ctx.clone() })
+            .stage(Write::Opens(gate.clone()));
         let receipt = match session.submit().await {
             Ok(r) => r,
             Err(e) => {
@@ -1309,42 +1338,37 @@ impl Connection {
         self.st.tracker.spawn(
             async move {
                 let _guard = guard;
-                match receipt.await {
-                    Ok(Ok(_)) => {}
-                    other => {
-                        let err = match other {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "store closed".into(),
-                        };
-                        tracing::error!(error = %err, "user message not stored; run not started");
-                        let text = protocol::error_frame(
-                            run_ctx.thread_id(),
-                            reply_to.as_deref(),
-                            ErrorCode::Internal,
-                            "message not stored",
-                        );
-                        st.registry.deliver_to(
-                            run_ctx.isolation_key(),
-                            &conn_id,
-                            OutFrame::new(0, text),
-                        );
-                        return;
-                    }
-                }
                 let input = RunInput {
                     content,
                     message_id,
+                    after: Some(gate),
                 };
-                let _ = drive_run(
+                // The run starts now; its sessions queue behind the message's and are stored
+                // only if it is.
+                let run = drive_run(
                     st.agent.clone(),
                     st.sessions.clone(),
-                    run_ctx,
+                    run_ctx.clone(),
                     input,
-                    reply_to,
+                    reply_to.clone(),
                     cancel,
                     st.config.run_timeout(),
-                )
-                .await;
+                );
+                let (stored, _) = tokio::join!(receipt, run);
+                let err = match stored {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "store closed".into(),
+                };
+                tracing::error!(error = %err, "user message not stored; its run stored nothing");
+                let text = protocol::error_frame(
+                    run_ctx.thread_id(),
+                    reply_to.as_deref(),
+                    ErrorCode::Internal,
+                    "message not stored",
+                );
+                st.registry
+                    .deliver_to(run_ctx.isolation_key(), &conn_id, OutFrame::new(0, text));
             }
             .instrument(span),
         );

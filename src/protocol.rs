@@ -197,6 +197,67 @@ pub fn frame<D: Serialize + ?Sized>(kind: &str, meta: FrameMeta<'_>, data: &D) -
     serde_json::to_string(&env).unwrap_or_else(|_| String::from("{}"))
 }
 
+/// A thread event's frame serialized before its `seq` and time are known, so the escaping and
+/// the serialization of `data` happen on the submitting task instead of the store's single
+/// writer, which finishes it with a few appends ([`PreparedFrame::finish`]). Same bytes as
+/// [`frame`].
+#[derive(Debug, Clone)]
+pub struct PreparedFrame {
+    text: String,
+    /// Where the time goes.
+    ts_at: usize,
+    /// Where `,"seq":N` goes.
+    seq_at: usize,
+}
+
+impl PreparedFrame {
+    pub fn new<D: Serialize + ?Sized>(
+        kind: &str,
+        thread_id: Option<&str>,
+        run_id: Option<&str>,
+        reply_to: Option<&str>,
+        data: &D,
+    ) -> Self {
+        use std::fmt::Write as _;
+        // Serializing strings and our own `Value`s cannot fail.
+        let json = |v: &str| serde_json::to_string(v).unwrap_or_default();
+        let mut text = String::with_capacity(256);
+        let _ = write!(text, "{{\"type\":{},\"ts\":\"", json(kind));
+        let ts_at = text.len();
+        text.push('"');
+        if let Some(t) = thread_id {
+            let _ = write!(text, ",\"thread_id\":{}", json(t));
+        }
+        if let Some(r) = run_id {
+            let _ = write!(text, ",\"run_id\":{}", json(r));
+        }
+        let seq_at = text.len();
+        if let Some(r) = reply_to {
+            let _ = write!(text, ",\"reply_to\":{}", json(r));
+        }
+        text.push_str(",\"data\":");
+        text.push_str(&serde_json::to_string(data).unwrap_or_else(|_| "null".into()));
+        text.push('}');
+        Self {
+            text,
+            ts_at,
+            seq_at,
+        }
+    }
+
+    /// The frame with its `seq` and time (`ts` as [`rfc3339_ms`] formats it).
+    pub fn finish(&self, seq: u64, ts: &str) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::with_capacity(self.text.len() + ts.len() + 28);
+        out.push_str(&self.text[..self.ts_at]);
+        out.push_str(ts);
+        out.push_str(&self.text[self.ts_at..self.seq_at]);
+        let _ = write!(out, ",\"seq\":{seq}");
+        out.push_str(&self.text[self.seq_at..]);
+        out
+    }
+}
+
 /// An `error` frame.
 pub fn error_frame(
     thread_id: &str,
@@ -407,6 +468,32 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prepared_frame_finishes_to_the_same_bytes_as_frame() {
+        let data = serde_json::json!({"content": "h\u{e9}llo \"q\" \\ \n", "n": 3});
+        for (thread, run, reply) in [
+            (
+                Some("thread_x_1_2_ab"),
+                Some("run_x_1_2_ab"),
+                Some("c-1 \"odd\" \u{1F600}"),
+            ),
+            (Some("thread_x_1_2_ab"), None, None),
+            (None, None, Some("r")),
+        ] {
+            let meta = FrameMeta {
+                thread_id: thread,
+                run_id: run,
+                seq: Some(42),
+                reply_to: reply,
+                ts_ms: Some(1_764_450_000_123),
+            };
+            let want = frame("agent_thinking", meta, &data);
+            let got = PreparedFrame::new("agent_thinking", thread, run, reply, &data)
+                .finish(42, &rfc3339_ms(1_764_450_000_123));
+            assert_eq!(got, want);
+        }
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc_with_millis() {

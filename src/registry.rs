@@ -171,7 +171,12 @@ impl OutQueue {
 
     /// A frame if one is queued now.
     pub fn try_recv(&mut self) -> Option<OutFrame> {
-        self.shared.lock().queue.pop_front()
+        let mut st = self.shared.lock();
+        let f = st.queue.pop_front();
+        if st.queue.is_empty() && st.queue.capacity() > 8 {
+            st.queue = VecDeque::new();
+        }
+        f
     }
 }
 

@@ -37,6 +37,9 @@ pub struct NewEvent {
     /// For `user_message`: the sender (the session's connection) gets an `ack`, the user's other
     /// connections on the thread get the event.
     pub ack: Option<AckTo>,
+    /// The frame serialized up to its `seq` and time; the store fills it in when the session is
+    /// submitted (leave it `None`).
+    pub prepared: Option<crate::protocol::PreparedFrame>,
 }
 
 /// The role of a stored chat message.
@@ -81,6 +84,48 @@ pub enum Write {
     Transient {
         text: String,
     },
+    /// If this session fails, `gate` fails (staged by the session that stores a user message).
+    Opens(Gate),
+    /// This session fails without writing anything if `gate` has failed (staged by every
+    /// session of the run the message starts).
+    Requires(Gate),
+}
+
+/// Lets a run start before its user message is committed, which saves one commit round per
+/// run: the run's sessions are queued behind the message's session (the writer keeps order),
+/// and if the message's session fails, the writer fails every session that requires the gate,
+/// so none of the run's events is stored or delivered. A failed gate never reopens.
+///
+/// A gate belongs to the isolation key of the context it was made from, and only sessions of
+/// that key can pass it (others are refused): so a failing message and its run always fail on
+/// the same thread, before any `seq` of that thread is reserved, and no gap can appear.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    failed: Arc<std::sync::atomic::AtomicBool>,
+    key: crate::context::IsolationKey,
+}
+
+impl Gate {
+    pub fn new(ctx: &UserExecutionContext) -> Self {
+        Self {
+            failed: Arc::default(),
+            key: ctx.isolation_key().clone(),
+        }
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether a session of `ctx` may pass (not failed, same isolation key).
+    pub(crate) fn admits(&self, ctx: &UserExecutionContext) -> bool {
+        !self.failed() && *ctx.isolation_key() == self.key
+    }
+
+    pub(crate) fn fail(&self) {
+        self.failed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 /// Opens sessions. Cheap to clone.

@@ -7,10 +7,15 @@
 //! Writes go through one *group-commit writer* task per store: it takes every session that is
 //! waiting, writes them in one transaction, commits, and only then hands their frames to the
 //! broker, in order, and answers each waiter. So an `ack` or a thread event never leaves before
-//! its commit (DESIGN-NOTES invariant 4), and per-thread `seq`s are assigned by
-//! `UPDATE threads SET last_seq = last_seq + n .. RETURNING last_seq`, which serializes appends
-//! per thread inside the database, also across nodes sharing PostgreSQL (invariant 5). If a
-//! batch fails, each session in it is retried alone, so one bad session cannot fail others.
+//! its commit (DESIGN-NOTES invariant 4), and per-thread `seq`s are assigned inside the
+//! transaction from `threads.last_seq` (PostgreSQL: `UPDATE .. RETURNING`, which serializes
+//! appends per thread across nodes sharing the database, invariant 5; SQLite: a read and an
+//! update inside the writer's `IMMEDIATE` transaction). If a batch fails, each session in it is
+//! retried alone, so one bad session cannot fail others. Sessions can be gated on an earlier
+//! one ([`crate::session::Gate`]): a run's events are stored only if its user message is.
+//!
+//! SQLite: the writer is a thread that owns the loop, WAL checkpoints run on a second thread,
+//! and a third publishes committed frames and answers waiters while the next batch is written.
 //!
 //! Reads (history, thread lists, ownership checks) use the pool directly.
 
@@ -28,7 +33,7 @@ use crate::broker::{Broker, Delivery};
 use crate::context::{OwnedThread, UserExecutionContext};
 use crate::ids::unix_ms;
 use crate::metrics::{metrics, StoreOp};
-use crate::protocol::{self, FrameMeta};
+use crate::protocol::{self, FrameMeta, PreparedFrame};
 use crate::registry::OutFrame;
 use crate::session::{NewEvent, Write};
 
@@ -36,6 +41,8 @@ use crate::session::{NewEvent, Write};
 /// included).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
+    #[error("the user message of this run was not stored")]
+    MessageNotStored,
     #[error("database error: {0}")]
     Database(String),
     #[error("thread not found for this user")]
@@ -220,6 +227,29 @@ enum Op {
     },
 }
 
+impl Op {
+    /// A session that must not be written because the session it depends on failed.
+    fn blocked(&self) -> bool {
+        match self {
+            Op::Session { ctx, writes, .. } => writes
+                .iter()
+                .any(|w| matches!(w, Write::Requires(g) if !g.admits(ctx))),
+            _ => false,
+        }
+    }
+
+    /// This op failed: fail the gates it opens, so its dependents fail too.
+    fn fail_gates(&self) {
+        if let Op::Session { writes, .. } = self {
+            for w in writes {
+                if let Write::Opens(g) = w {
+                    g.fail();
+                }
+            }
+        }
+    }
+}
+
 /// SQLite or PostgreSQL through sqlx's `Any` driver.
 pub struct SqlStore {
     pool: AnyPool,
@@ -317,19 +347,24 @@ impl SqlStore {
         for ddl in SCHEMA {
             pool.execute(*ddl).await?;
         }
-        let backend = match dialect {
-            Dialect::Sqlite => Backend::Sqlite(SqliteWriter::start(
-                sqlite_path(&opts.url)?,
-                &opts.sqlite_synchronous,
-            )?),
-            Dialect::Postgres => Backend::Any {
-                conn: pool.acquire().await?.detach(),
-                url: opts.url.clone(),
-            },
-        };
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let node_id: Arc<str> = opts.node_id.as_str().into();
-        tokio::spawn(writer_loop(backend, rx, broker, node_id.clone()));
+        let writer = Writer {
+            rx,
+            broker,
+            node_id: node_id.clone(),
+            shutdown: None,
+            publisher: None,
+        };
+        match dialect {
+            Dialect::Sqlite => {
+                start_sqlite_writer(sqlite_path(&opts.url)?, &opts.sqlite_synchronous, writer)?
+            }
+            Dialect::Postgres => {
+                let conn = pool.acquire().await?.detach();
+                tokio::spawn(pg_writer(writer, conn, opts.url.clone()));
+            }
+        }
         Ok(Arc::new(Self { pool, tx, node_id }))
     }
 
@@ -359,8 +394,20 @@ impl Store for SqlStore {
     async fn submit(
         &self,
         ctx: UserExecutionContext,
-        writes: Vec<Write>,
+        mut writes: Vec<Write>,
     ) -> Result<oneshot::Receiver<Result<Vec<u64>, StoreError>>, StoreError> {
+        // Serialize here, on the submitter's task: the writer is one thread for everyone.
+        for w in &mut writes {
+            if let Write::Event(ev) = w {
+                ev.prepared = Some(PreparedFrame::new(
+                    ev.kind,
+                    Some(ctx.thread_id()),
+                    ev.run_id.as_deref(),
+                    ev.reply_to.as_deref(),
+                    &ev.data,
+                ));
+            }
+        }
         let (reply, rx) = oneshot::channel();
         self.send(Op::Session { ctx, writes, reply }).await?;
         Ok(rx)
@@ -520,19 +567,57 @@ struct Applied {
     deliveries: Vec<Delivery>,
 }
 
-async fn writer_loop(
-    mut backend: Backend,
-    mut rx: mpsc::Receiver<Op>,
+/// One writer's queue: it takes every op that is waiting (up to [`MAX_BATCH`]) as one batch,
+/// and answers each op once its batch is over. Shared by the async PostgreSQL writer and the
+/// SQLite writer thread, which differ only in how they wait and write.
+struct Writer {
+    rx: mpsc::Receiver<Op>,
     broker: Arc<dyn Broker>,
     node_id: Arc<str>,
-) {
-    let mut batch: Vec<Op> = Vec::with_capacity(MAX_BATCH);
-    let mut shutdown: Option<oneshot::Sender<()>> = None;
-    while shutdown.is_none() {
-        let Some(first) = rx.recv().await else { break };
+    shutdown: Option<oneshot::Sender<()>>,
+    /// Where outcomes go when publishing runs on its own thread (SQLite); inline if `None`.
+    publisher: Option<std::sync::mpsc::Sender<Done>>,
+}
+
+/// What the writer hands on, in commit order: frames to publish and waiters to answer.
+enum Done {
+    /// Whole ops, so that freeing their writes happens off the writer too.
+    Batch(Vec<(Op, Result<Applied, StoreError>)>),
+    Closed(oneshot::Sender<()>),
+}
+
+impl Done {
+    /// Publish committed frames in order, then answer each waiter.
+    fn deliver(self, broker: &dyn Broker) {
+        match self {
+            Done::Batch(items) => {
+                for (op, result) in items {
+                    let Op::Session { reply, .. } = op else {
+                        continue;
+                    };
+                    let _ = reply.send(result.map(|applied| {
+                        for d in applied.deliveries {
+                            broker.publish(d);
+                        }
+                        applied.seqs
+                    }));
+                }
+            }
+            Done::Closed(reply) => {
+                let _ = reply.send(());
+            }
+        }
+    }
+}
+
+impl Writer {
+    /// The next batch, starting with `first` (the op the caller waited for); empty if only a
+    /// shutdown came. Everything queued before a shutdown is written; later ops are refused.
+    fn batch(&mut self, first: Op) -> Vec<Op> {
+        let mut batch = Vec::with_capacity(MAX_BATCH.min(self.rx.len() + 1));
         batch.push(first);
         while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
+            match self.rx.try_recv() {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
@@ -541,115 +626,122 @@ async fn writer_loop(
             .iter()
             .position(|op| matches!(op, Op::Shutdown { .. }))
         {
-            // Everything queued before the shutdown is committed; later ops are refused.
             for op in batch.drain(pos..) {
                 if let Op::Shutdown { reply } = op {
-                    shutdown.get_or_insert(reply);
+                    self.shutdown.get_or_insert(reply);
                 }
             }
         }
-        if batch.is_empty() {
-            continue;
-        }
-        let started = Instant::now();
+        batch
+    }
+
+    /// Count, publish committed frames in order, and answer every op of a written batch.
+    fn finish(&self, batch: Vec<Op>, results: Vec<Result<Applied, StoreError>>, started: Instant) {
+        metrics()
+            .store_latency(StoreOp::Commit)
+            .observe(started.elapsed().as_secs_f64());
         let sessions = batch
             .iter()
             .filter(|op| matches!(op, Op::Session { .. }))
             .count();
-        let (ops, results) = match backend.write(std::mem::take(&mut batch), &node_id).await {
-            (ops, Ok(results)) => (ops, results),
-            (ops, Err(e)) => {
-                tracing::warn!(error = %e, ops = ops.len(), "group commit failed; retrying each session alone");
-                backend.recover().await;
-                let mut kept = Vec::with_capacity(ops.len());
-                let mut results = Vec::with_capacity(ops.len());
-                for op in ops {
-                    let (mut one, r) = backend.write(vec![op], &node_id).await;
-                    kept.append(&mut one);
-                    results.push(match r {
-                        Ok(mut r) => r.pop().unwrap_or(Ok(Applied::default())),
-                        Err(e) => Err(e),
-                    });
-                }
-                (kept, results)
-            }
-        };
-        batch = ops;
-        metrics()
-            .store_latency(StoreOp::Commit)
-            .observe(started.elapsed().as_secs_f64());
         if sessions > 0 {
             metrics().store_batch_size.observe(sessions as f64);
         }
-        for (op, result) in batch.drain(..).zip(results) {
-            if let Op::Session { reply, .. } = op {
-                match result {
-                    Ok(applied) => {
-                        metrics().sessions_committed.inc();
-                        for d in applied.deliveries {
-                            broker.publish(d);
-                        }
-                        let _ = reply.send(Ok(applied.seqs));
-                    }
-                    Err(e) => {
-                        metrics().sessions_rolled_back.inc();
-                        let _ = reply.send(Err(e));
-                    }
+        let mut items = Vec::with_capacity(batch.len());
+        for (op, result) in batch.into_iter().zip(results) {
+            if result.is_err() {
+                op.fail_gates();
+            }
+            if matches!(op, Op::Session { .. }) {
+                match &result {
+                    Ok(_) => metrics().sessions_committed.inc(),
+                    Err(_) => metrics().sessions_rolled_back.inc(),
                 }
             }
+            items.push((op, result));
+        }
+        self.hand_on(Done::Batch(items));
+    }
+
+    fn hand_on(&self, done: Done) {
+        match &self.publisher {
+            Some(p) => {
+                if let Err(std::sync::mpsc::SendError(done)) = p.send(done) {
+                    done.deliver(&*self.broker);
+                }
+            }
+            None => done.deliver(&*self.broker),
         }
     }
-    rx.close();
-    // Refuse what arrived after the shutdown; audit closes among them are recovered at start.
-    while let Ok(op) = rx.try_recv() {
-        if let Op::Session { reply, .. } = op {
-            metrics().sessions_rolled_back.inc();
-            let _ = reply.send(Err(StoreError::Closed));
+
+    /// After a shutdown: refuse what arrived later (audit closes among them are recovered at the
+    /// next start), then confirm the shutdown.
+    fn close(mut self) {
+        self.rx.close();
+        while let Ok(op) = self.rx.try_recv() {
+            if let Op::Session { reply, .. } = op {
+                metrics().sessions_rolled_back.inc();
+                let _ = reply.send(Err(StoreError::Closed));
+            }
         }
-    }
-    if let Some(reply) = shutdown {
-        let _ = reply.send(());
+        if let Some(reply) = self.shutdown.take() {
+            self.hand_on(Done::Closed(reply));
+        }
     }
 }
 
-/// Where the writer's transactions go.
-enum Backend {
-    /// PostgreSQL through sqlx: a few multi-row statements per batch (each one a network round
-    /// trip, so fewer is faster).
-    Any { conn: AnyConnection, url: String },
-    /// SQLite on its own thread: one hop per batch, prepared single-row statements (in-process
-    /// calls of a few microseconds each).
-    Sqlite(SqliteWriter),
+/// The result of one op written alone, after its batch failed.
+fn alone(r: BatchResult, op: &[Op]) -> Result<Applied, StoreError> {
+    let r = match r {
+        Ok(mut r) => r.pop().unwrap_or(Ok(Applied::default())),
+        Err(e) => Err(e),
+    };
+    if r.is_err() {
+        // Before the next op is retried: an op it gates must see the failure.
+        op.iter().for_each(Op::fail_gates);
+    }
+    r
+}
+
+/// The PostgreSQL writer: a task with its own connection. Each batch is one transaction of a few
+/// multi-row statements (each one a network round trip, so fewer is faster).
+async fn pg_writer(mut w: Writer, mut conn: AnyConnection, url: String) {
+    while w.shutdown.is_none() {
+        let Some(first) = w.rx.recv().await else {
+            break;
+        };
+        let batch = w.batch(first);
+        if batch.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let results = match write_batch(&mut conn, &batch, &w.node_id, Dialect::Postgres).await {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::warn!(error = %e, ops = batch.len(), "group commit failed; retrying each session alone");
+                // Reconnect if the connection broke (a database restart).
+                if conn.ping().await.is_err() {
+                    match sqlx::AnyConnection::connect(&url).await {
+                        Ok(c) => conn = c,
+                        Err(e) => {
+                            tracing::error!(error = %StoreError::from(e), "store writer cannot reconnect")
+                        }
+                    }
+                }
+                let mut results = Vec::with_capacity(batch.len());
+                for op in batch.chunks(1) {
+                    let r = write_batch(&mut conn, op, &w.node_id, Dialect::Postgres).await;
+                    results.push(alone(r, op));
+                }
+                results
+            }
+        };
+        w.finish(batch, results, started);
+    }
+    w.close();
 }
 
 type BatchResult = Result<Vec<Result<Applied, StoreError>>, StoreError>;
-
-impl Backend {
-    /// Write one batch in one transaction; hands the ops back with the outcome.
-    async fn write(&mut self, ops: Vec<Op>, node_id: &Arc<str>) -> (Vec<Op>, BatchResult) {
-        match self {
-            Backend::Any { conn, .. } => {
-                let r = write_batch(conn, &ops, node_id, Dialect::Postgres).await;
-                (ops, r)
-            }
-            Backend::Sqlite(w) => w.write(ops, node_id.clone()).await,
-        }
-    }
-
-    /// After a failed batch: reconnect if the connection broke (a database restart).
-    async fn recover(&mut self) {
-        if let Backend::Any { conn, url } = self {
-            if conn.ping().await.is_err() {
-                match sqlx::AnyConnection::connect(url).await {
-                    Ok(c) => *conn = c,
-                    Err(e) => {
-                        tracing::error!(error = %StoreError::from(e), "store writer cannot reconnect")
-                    }
-                }
-            }
-        }
-    }
-}
 
 /// The file path of a `sqlite://PATH?options` URL.
 fn sqlite_path(url: &str) -> Result<std::path::PathBuf, StoreError> {
@@ -666,52 +758,97 @@ fn sqlite_path(url: &str) -> Result<std::path::PathBuf, StoreError> {
     Ok(path.into())
 }
 
-struct SqliteJob {
-    ops: Vec<Op>,
-    node_id: Arc<str>,
-    reply: oneshot::Sender<(Vec<Op>, BatchResult)>,
-}
-
-/// The SQLite writer thread. One job is in flight at a time (the writer task awaits each), so
-/// its queue never holds more than one batch.
-struct SqliteWriter {
-    jobs: std::sync::mpsc::Sender<SqliteJob>,
-}
-
-impl SqliteWriter {
-    fn start(path: std::path::PathBuf, synchronous: &str) -> Result<Self, StoreError> {
-        let conn = rusqlite::Connection::open(&path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", synchronous)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.set_prepared_statement_cache_capacity(32);
-        let (jobs, rx) = std::sync::mpsc::channel::<SqliteJob>();
-        std::thread::Builder::new()
-            .name("tether-sqlite-writer".into())
-            .spawn(move || {
-                let mut conn = conn;
-                while let Ok(job) = rx.recv() {
-                    let r = sqlite_write_batch(&mut conn, &job.ops, &job.node_id);
-                    let _ = job.reply.send((job.ops, r));
+/// The SQLite writer: a thread that owns the write connection and the whole loop (waiting,
+/// writing, publishing, answering), so a batch costs no hop through the async runtime. Prepared
+/// single-row statements: in-process calls of a few microseconds each.
+///
+/// WAL checkpoints run on a second thread with its own connection (`wal_autocheckpoint` is off
+/// for the writer), so copying pages into the database file and its fsync never stall a commit.
+/// The checkpointer repeats passive checkpoints while they make progress, so it catches up
+/// between two commits and the next commit restarts the WAL from its beginning.
+fn start_sqlite_writer(
+    path: std::path::PathBuf,
+    synchronous: &str,
+    w: Writer,
+) -> Result<(), StoreError> {
+    let conn = rusqlite::Connection::open(&path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.set_prepared_statement_cache_capacity(32);
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // A WAL that grew during a burst is cut back to this size when it restarts.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    let ck = rusqlite::Connection::open(&path)?;
+    ck.busy_timeout(Duration::from_secs(10))?;
+    // Publishing (registry lookups, queue pushes, waking tasks) runs beside the next commit.
+    let (publisher, done_rx) = std::sync::mpsc::channel::<Done>();
+    let broker = w.broker.clone();
+    std::thread::Builder::new()
+        .name("tether-publisher".into())
+        .spawn(move || {
+            while let Ok(done) = done_rx.recv() {
+                done.deliver(&*broker);
+            }
+        })
+        .map_err(|e| StoreError::Config(format!("cannot start the publisher: {e}")))?;
+    let mut w = w;
+    w.publisher = Some(publisher);
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let ck_running = running.clone();
+    std::thread::Builder::new()
+        .name("tether-sqlite-ckpt".into())
+        .spawn(move || checkpointer(ck, &ck_running))
+        .map_err(|e| StoreError::Config(format!("cannot start the SQLite checkpointer: {e}")))?;
+    std::thread::Builder::new()
+        .name("tether-sqlite-writer".into())
+        .spawn(move || {
+            let mut conn = conn;
+            while w.shutdown.is_none() {
+                let Some(first) = w.rx.blocking_recv() else {
+                    break;
+                };
+                let batch = w.batch(first);
+                if batch.is_empty() {
+                    continue;
                 }
-            })
-            .map_err(|e| StoreError::Config(format!("cannot start the SQLite writer: {e}")))?;
-        Ok(Self { jobs })
-    }
+                let started = Instant::now();
+                let results = match sqlite_write_batch(&mut conn, &batch, &w.node_id) {
+                    Ok(results) => results,
+                    Err(e) => {
+                        tracing::warn!(error = %e, ops = batch.len(), "group commit failed; retrying each session alone");
+                        batch
+                            .chunks(1)
+                            .map(|op| alone(sqlite_write_batch(&mut conn, op, &w.node_id), op))
+                            .collect()
+                    }
+                };
+                w.finish(batch, results, started);
+            }
+            w.close();
+            running.store(false, std::sync::atomic::Ordering::Release);
+        })
+        .map_err(|e| StoreError::Config(format!("cannot start the SQLite writer: {e}")))?;
+    Ok(())
+}
 
-    async fn write(&self, ops: Vec<Op>, node_id: Arc<str>) -> (Vec<Op>, BatchResult) {
-        let (reply, rx) = oneshot::channel();
-        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(SqliteJob {
-            ops,
-            node_id,
-            reply,
+/// Passive checkpoints (they never block the writer) until the writer thread ends.
+fn checkpointer(ck: rusqlite::Connection, running: &std::sync::atomic::AtomicBool) {
+    let mut last_done = -1;
+    while running.load(std::sync::atomic::Ordering::Acquire) {
+        match ck.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
         }) {
-            return (job.ops, Err(StoreError::Closed));
-        }
-        match rx.await {
-            Ok(done) => done,
-            // The thread died (a panic in SQLite code): nothing was committed.
-            Err(_) => (Vec::new(), Err(StoreError::Closed)),
+            // Behind and moving: go again at once.
+            Ok((log, done)) if done < log && done != last_done => last_done = done,
+            Ok((_, done)) => {
+                last_done = done;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "SQLite checkpoint failed");
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
     }
 }
@@ -732,15 +869,20 @@ fn sqlite_write_batch(conn: &mut rusqlite::Connection, ops: &[Op], node_id: &str
     let wanted = seq_requests(ops);
     let mut next: NextSeqs<'_> = NextSeqs::with_capacity(wanted.len());
     {
-        let mut st = tx.prepare_cached(
-            "UPDATE threads SET last_seq = last_seq + ?, updated_at = ? WHERE thread_id = ? AND user_id = ? RETURNING last_seq",
+        // A read and a plain update: `UPDATE .. RETURNING` builds a temporary table on every
+        // call in SQLite, which cost as much as all the batch's inserts together. The writer's
+        // IMMEDIATE transaction already serializes appends.
+        let mut read =
+            tx.prepare_cached("SELECT last_seq FROM threads WHERE thread_id = ? AND user_id = ?")?;
+        let mut bump = tx.prepare_cached(
+            "UPDATE threads SET last_seq = ?, updated_at = ? WHERE thread_id = ?",
         )?;
         for (t, u, n) in &wanted {
-            let last: Option<i64> = st
-                .query_row(params![n, now, t, u], |r| r.get(0))
-                .optional()?;
+            let last: Option<i64> = read.query_row(params![t, u], |r| r.get(0)).optional()?;
             if let Some(last) = last {
-                next.insert(t, (u, (last.max(0) as u64) + 1 - *n as u64));
+                let last = last.max(0);
+                bump.execute(params![last + n, now, t])?;
+                next.insert(t, (u, last as u64 + 1));
             }
         }
     }
@@ -770,11 +912,16 @@ fn sqlite_write_batch(conn: &mut rusqlite::Connection, ops: &[Op], node_id: &str
             ])?;
         }
     }
+    // A run that starts and finishes in this batch (a fast agent) is inserted finished.
+    let mut finished_here: std::collections::HashMap<&str, &RunFinish<'_>> =
+        rows.finishes.iter().map(|f| (f.run_id, f)).collect();
+    finished_here.retain(|id, _| rows.runs.iter().any(|r| r.run_id() == *id));
     {
         let mut st = tx.prepare_cached(
-            "INSERT INTO runs (run_id, thread_id, user_id, request_id, connection_id, parent_run_id, status, started_at) VALUES (?, ?, ?, ?, ?, ?, 'running', ?)",
+            "INSERT INTO runs (run_id, thread_id, user_id, request_id, connection_id, parent_run_id, status, started_at, finished_at, duration_ms, error_code) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )?;
         for r in &rows.runs {
+            let f = finished_here.get(r.run_id());
             st.execute(params![
                 r.run_id(),
                 r.thread_id(),
@@ -782,7 +929,11 @@ fn sqlite_write_batch(conn: &mut rusqlite::Connection, ops: &[Op], node_id: &str
                 r.request_id(),
                 r.connection_id(),
                 r.parent_run_id(),
-                now
+                f.map_or("running", |f| f.status),
+                now,
+                f.map(|_| now),
+                f.map(|f| f.duration_ms),
+                f.and_then(|f| f.error_code),
             ])?;
         }
     }
@@ -790,7 +941,11 @@ fn sqlite_write_batch(conn: &mut rusqlite::Connection, ops: &[Op], node_id: &str
         let mut st = tx.prepare_cached(
             "UPDATE runs SET status = ?, finished_at = ?, duration_ms = ?, error_code = ? WHERE run_id = ?",
         )?;
-        for f in &rows.finishes {
+        for f in rows
+            .finishes
+            .iter()
+            .filter(|f| !finished_here.contains_key(f.run_id))
+        {
             st.execute(params![
                 f.status,
                 now,
@@ -963,6 +1118,7 @@ struct RunFinish<'a> {
 /// The contexts of the sessions that create their thread.
 fn new_threads(ops: &[Op]) -> Vec<&UserExecutionContext> {
     ops.iter()
+        .filter(|op| !op.blocked())
         .filter_map(|op| match op {
             Op::Session { ctx, writes, .. }
                 if writes.iter().any(|w| matches!(w, Write::CreateThread)) =>
@@ -977,7 +1133,7 @@ fn new_threads(ops: &[Op]) -> Vec<&UserExecutionContext> {
 /// How many `seq`s each (thread, user) of the batch needs, in order of first appearance.
 fn seq_requests(ops: &[Op]) -> Vec<(&str, &str, i64)> {
     let mut wanted: Vec<(&str, &str, i64)> = Vec::new();
-    for op in ops {
+    for op in ops.iter().filter(|op| !op.blocked()) {
         if let Op::Session { ctx, writes, .. } = op {
             let n = writes
                 .iter()
@@ -1019,15 +1175,23 @@ fn plan<'a>(
 ) -> (Rows<'a>, Vec<Result<Applied, StoreError>>) {
     let mut results: Vec<Result<Applied, StoreError>> = Vec::with_capacity(ops.len());
     let mut rows = Rows::default();
+    // One time for the whole batch: it commits as one.
+    let ts = protocol::rfc3339_ms(now as u64);
     for op in ops {
         match op {
             Op::Session { ctx, writes, .. } => {
+                // Checked in batch order: a gate shut by an earlier op of this batch counts.
+                if op.blocked() {
+                    results.push(Err(StoreError::MessageNotStored));
+                    continue;
+                }
                 let has_events = writes.iter().any(|w| matches!(w, Write::Event(_)));
                 let mut seq_slot = next
                     .get_mut(ctx.thread_id())
                     .filter(|(user, _)| *user == ctx.user_id())
                     .map(|(_, seq)| seq);
                 if has_events && seq_slot.is_none() {
+                    op.fail_gates();
                     results.push(Err(StoreError::ThreadNotFound));
                     continue;
                 }
@@ -1041,7 +1205,10 @@ fn plan<'a>(
                             };
                             let seq = *slot;
                             *slot += 1;
-                            let text = event_frame(ctx, ev, seq, now as u64);
+                            let text = match &ev.prepared {
+                                Some(p) => p.finish(seq, &ts),
+                                None => event_frame(ctx, ev, seq, now as u64),
+                            };
                             applied.seqs.push(seq);
                             let ack = ev.ack.as_ref().map(|a| {
                                 let ack = protocol::frame(
@@ -1093,6 +1260,7 @@ fn plan<'a>(
                             duration_ms: *duration_ms as i64,
                             error_code: error_code.as_deref(),
                         }),
+                        Write::Opens(_) | Write::Requires(_) => {}
                         Write::Transient { text } => {
                             let mut frame = OutFrame::new(0, text.as_str());
                             frame.droppable = true;
@@ -1338,6 +1506,7 @@ mod tests {
             reply_to: None,
             data: serde_json::json!({ "n": n }),
             ack: None,
+            prepared: None,
         })
     }
 
@@ -1354,6 +1523,76 @@ mod tests {
                 .unwrap(),
             dir,
         )
+    }
+
+    #[tokio::test]
+    async fn a_run_whose_message_fails_stores_nothing_and_leaves_no_seq_gap() {
+        let (store, dir) = store().await;
+        let sessions = SessionFactory::new(store.clone());
+        let a = ctx("alice");
+        let mut s = sessions.create_session_from_context(&a);
+        s.stage(Write::CreateThread);
+        s.commit().await.unwrap();
+        // The message fails (its thread does not exist); its run, queued right behind it
+        // (usually in the same batch), is refused.
+        let bob = ctx("bob");
+        let gate = crate::session::Gate::new(&bob);
+        let mut msg = sessions.create_session_from_context(&bob);
+        msg.stage(event(0)).stage(Write::Opens(gate.clone()));
+        let msg = msg.submit().await.unwrap();
+        let mut run = sessions.create_session_from_context(&bob);
+        run.stage(Write::Requires(gate.clone())).stage(event(1));
+        let run = run.submit().await.unwrap();
+        assert!(matches!(
+            msg.await.unwrap(),
+            Err(StoreError::ThreadNotFound)
+        ));
+        assert!(matches!(
+            run.await.unwrap(),
+            Err(StoreError::MessageNotStored)
+        ));
+        assert!(gate.failed());
+        // A gate never admits another thread's session, even open: here alice's, which must
+        // not reserve a seq it then leaves unused.
+        let open = crate::session::Gate::new(&bob);
+        let mut stray = sessions.create_session_from_context(&a);
+        stray.stage(Write::Requires(open)).stage(event(2));
+        let stray = stray.submit().await.unwrap();
+        let mut late = sessions.create_session_from_context(&bob);
+        late.stage(Write::Requires(gate)).stage(event(2));
+        assert!(matches!(
+            late.commit().await,
+            Err(StoreError::MessageNotStored)
+        ));
+        assert!(matches!(
+            stray.await.unwrap(),
+            Err(StoreError::MessageNotStored)
+        ));
+        let mut other = sessions.create_session_from_context(&a);
+        other.stage(event(3));
+        assert_eq!(other.commit().await.unwrap(), vec![1]);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_run_behind_a_stored_message_commits_with_it() {
+        let (store, dir) = store().await;
+        let sessions = SessionFactory::new(store.clone());
+        let a = ctx("alice");
+        let gate = crate::session::Gate::new(&a);
+        let mut msg = sessions.create_session_from_context(&a);
+        msg.stage(Write::CreateThread)
+            .stage(event(0))
+            .stage(Write::Opens(gate.clone()));
+        let msg = msg.submit().await.unwrap();
+        let mut run = sessions.create_session_from_context(&a);
+        run.stage(Write::Requires(gate.clone())).stage(event(1));
+        assert_eq!(run.commit().await.unwrap(), vec![2]);
+        assert_eq!(msg.await.unwrap().unwrap(), vec![1]);
+        assert!(!gate.failed());
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]
