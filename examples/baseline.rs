@@ -57,7 +57,8 @@ fn options() -> Result<Options, String> {
                      --listen       or BASELINE_LISTEN (default 127.0.0.1:9201)\n  \
                      --read-buffer  or BASELINE_READ_BUFFER: WebSocket read buffer (default 4096)\n  \
                      --nagle    or BASELINE_NODELAY=0: leave Nagle's algorithm on (TCP_NODELAY\n             \
-                     is set by default, as Tether does)"
+                     is set by default, as Tether does)\n  \
+                     BASELINE_WRITE_EACH=1: one write per frame instead of one per reply"
                 );
                 std::process::exit(0);
             }
@@ -141,6 +142,12 @@ async fn ws_handler(State(read_buffer): State<usize>, ws: WebSocketUpgrade) -> R
 }
 
 /// One connection: `connection_established`, then answer frames until the peer goes.
+/// `BASELINE_WRITE_EACH=1`: one write per frame (the baseline before Tether batched its writes).
+fn write_each() -> bool {
+    static EACH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *EACH.get_or_init(|| std::env::var("BASELINE_WRITE_EACH").is_ok_and(|v| v == "1"))
+}
+
 async fn connection(mut socket: WebSocket) {
     let (thread_id, run_id, request_id) =
         tether::ids::generate_user_context_ids(tether::ids::OP_WEBSOCKET_SESSION);
@@ -200,6 +207,15 @@ async fn connection(mut socket: WebSocket) {
                 &e.message,
             )],
         };
+        if write_each() {
+            // The earlier baseline: one write per frame.
+            for f in frames {
+                if socket.send(Message::Text(f.into())).await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
         // One write for the whole reply, as Tether writes the frames a commit delivers together.
         let mut out =
             futures_util::stream::iter(frames.into_iter().map(|f| Ok(Message::Text(f.into()))));
