@@ -159,6 +159,10 @@ const SCHEMA: &[&str] = &[
         updated_at BIGINT NOT NULL,
         last_seq BIGINT NOT NULL DEFAULT 0)",
     "CREATE INDEX IF NOT EXISTS threads_by_user ON threads (user_id, updated_at)",
+    // A row holds the consecutive events of one thread committed in one batch (a run's events
+    // usually commit together): their frames, newline-separated (compact JSON has no raw
+    // newline), with `seq`, `kind` and `run_id` of the last one. One row and one index entry per
+    // batch and thread instead of one per event keeps the writer's commits small; readers split.
     "CREATE TABLE IF NOT EXISTS thread_events (
         thread_id TEXT NOT NULL,
         seq BIGINT NOT NULL,
@@ -484,10 +488,23 @@ impl Store for SqlStore {
             Some(r) => u64_of(&r, 0)?,
             None => 0,
         };
-        let events = rows
-            .iter()
-            .map(|r| Ok((u64_of(r, 0)?, r.try_get::<String, _>(1)?)))
-            .collect::<Result<Vec<_>, StoreError>>()?;
+        // A row holds one or more events (see `SCHEMA`); `limit` rows hold at least `limit`.
+        let mut events = Vec::with_capacity(rows.len());
+        'rows: for r in &rows {
+            let last = u64_of(r, 0)?;
+            let text: String = r.try_get(1)?;
+            let n = text.split('\n').count() as u64;
+            for (i, frame) in text.split('\n').enumerate() {
+                let seq = (last + 1 + i as u64).saturating_sub(n);
+                if seq <= since as u64 {
+                    continue;
+                }
+                if events.len() == limit as usize {
+                    break 'rows;
+                }
+                events.push((seq, frame.to_string()));
+            }
+        }
         Ok(EventPage { events, last_seq })
     }
 
@@ -1092,8 +1109,10 @@ macro_rules! execute_chunks {
     };
 }
 
+/// One `thread_events` row: the consecutive events of one thread in one batch (see [`SCHEMA`]).
 struct EventRow<'a> {
     thread_id: &'a str,
+    /// The last event's seq.
     seq: i64,
     kind: &'a str,
     run_id: Option<&'a str>,
@@ -1177,6 +1196,8 @@ fn plan<'a>(
     let mut rows = Rows::default();
     // One time for the whole batch: it commits as one.
     let ts = protocol::rfc3339_ms(now as u64);
+    // The row of each thread's events in this batch (their seqs are consecutive).
+    let mut event_row: std::collections::HashMap<&str, usize> = Default::default();
     for op in ops {
         match op {
             Op::Session { ctx, writes, .. } => {
@@ -1229,13 +1250,26 @@ fn plan<'a>(
                                 OutFrame::new(seq, text.as_str()),
                                 ack,
                             ));
-                            rows.events.push(EventRow {
-                                thread_id: ctx.thread_id(),
-                                seq: seq as i64,
-                                kind: ev.kind,
-                                run_id: ev.run_id.as_deref(),
-                                frame: text,
-                            });
+                            match event_row.get(ctx.thread_id()) {
+                                Some(&i) => {
+                                    let row = &mut rows.events[i];
+                                    row.seq = seq as i64;
+                                    row.kind = ev.kind;
+                                    row.run_id = ev.run_id.as_deref();
+                                    row.frame.push('\n');
+                                    row.frame.push_str(&text);
+                                }
+                                None => {
+                                    event_row.insert(ctx.thread_id(), rows.events.len());
+                                    rows.events.push(EventRow {
+                                        thread_id: ctx.thread_id(),
+                                        seq: seq as i64,
+                                        kind: ev.kind,
+                                        run_id: ev.run_id.as_deref(),
+                                        frame: text,
+                                    });
+                                }
+                            }
                         }
                         Write::Message {
                             message_id,
@@ -1571,6 +1605,57 @@ mod tests {
         let mut other = sessions.create_session_from_context(&a);
         other.stage(event(3));
         assert_eq!(other.commit().await.unwrap(), vec![1]);
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn events_committed_together_share_a_row_and_read_back_one_by_one() {
+        let (store, dir) = store().await;
+        let sessions = SessionFactory::new(store.clone());
+        let a = ctx("alice");
+        let mut s = sessions.create_session_from_context(&a);
+        s.stage(Write::CreateThread);
+        for i in 0..5 {
+            s.stage(event(i));
+        }
+        assert_eq!(s.commit().await.unwrap(), vec![1, 2, 3, 4, 5]);
+        let mut s = sessions.create_session_from_context(&a);
+        s.stage(event(5)).stage(event(6));
+        assert_eq!(s.commit().await.unwrap(), vec![6, 7]);
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM thread_events")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 2);
+        let seqs = |p: EventPage| p.events.iter().map(|(s, _)| *s).collect::<Vec<_>>();
+        let all = store.events_since(a.thread_id(), 0, 100).await.unwrap();
+        assert_eq!(all.last_seq, 7);
+        for (seq, frame) in &all.events {
+            let v: serde_json::Value = serde_json::from_str(frame).unwrap();
+            assert_eq!(v["seq"], *seq);
+            assert_eq!(v["data"]["n"], *seq - 1);
+        }
+        assert_eq!(seqs(all), (1..=7).collect::<Vec<_>>());
+        // `since` and `limit` inside a row, and paging across rows.
+        assert_eq!(
+            seqs(store.events_since(a.thread_id(), 2, 2).await.unwrap()),
+            vec![3, 4]
+        );
+        assert_eq!(
+            seqs(store.events_since(a.thread_id(), 4, 100).await.unwrap()),
+            vec![5, 6, 7]
+        );
+        assert_eq!(
+            seqs(store.events_since(a.thread_id(), 6, 1).await.unwrap()),
+            vec![7]
+        );
+        assert!(store
+            .events_since(a.thread_id(), 7, 10)
+            .await
+            .unwrap()
+            .events
+            .is_empty());
         store.close().await;
         let _ = std::fs::remove_dir_all(dir);
     }
