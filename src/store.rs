@@ -205,6 +205,9 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS connections_open ON connections (node_id) WHERE closed_at IS NULL",
 ];
 
+/// WAL pages after which the SQLite writer checkpoints inline (see `start_sqlite_writer`).
+const WAL_BACKSTOP_PAGES: i64 = 4096;
+
 /// How many sessions one group commit takes at most.
 const MAX_BATCH: usize = 512;
 /// The writer queue's bound; submitters wait (backpressure) when it is full.
@@ -779,10 +782,9 @@ fn sqlite_path(url: &str) -> Result<std::path::PathBuf, StoreError> {
 /// writing, publishing, answering), so a batch costs no hop through the async runtime. Prepared
 /// single-row statements: in-process calls of a few microseconds each.
 ///
-/// WAL checkpoints run on a second thread with its own connection (`wal_autocheckpoint` is off
-/// for the writer), so copying pages into the database file and its fsync never stall a commit.
-/// The checkpointer repeats passive checkpoints while they make progress, so it catches up
-/// between two commits and the next commit restarts the WAL from its beginning.
+/// WAL checkpoints run on a second thread with its own connection, so copying pages into the
+/// database file and its fsync rarely stall a commit: the writer's own (automatic) checkpoint
+/// only runs past [`WAL_BACKSTOP_PAGES`], and finds little left to copy.
 fn start_sqlite_writer(
     path: std::path::PathBuf,
     synchronous: &str,
@@ -793,7 +795,14 @@ fn start_sqlite_writer(
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.set_prepared_statement_cache_capacity(32);
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    // A backstop, not the main path: the checkpointer thread copies pages while the writer
+    // keeps appending, so its passive checkpoints rarely end exactly at the WAL's end, and the
+    // WAL only restarts from its beginning after a complete one. When the WAL passes this many
+    // pages the writer checkpoints inline, right after a commit, where nothing can append:
+    // little is left to copy by then, it completes, and the next commit restarts the WAL
+    // (without it the WAL grew by hundreds of MB under load, and every new page of it cost the
+    // kernel a zeroed page).
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)?;
     // A WAL that grew during a burst is cut back to this size when it restarts.
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     let ck = rusqlite::Connection::open(&path)?;
