@@ -6,20 +6,22 @@
 //! `agent_completed` or `agent_error` (exactly one), cancellation, the timeout, the run's row,
 //! its span and its metrics.
 //!
-//! Every event is written through a session of the run's context. The sink submits without
-//! waiting for each commit (the store keeps their order and delivers each only after its
-//! commit), so a fast agent's events share group commits; the run waits for all of them before
-//! it is over. A run starts without waiting for its user message's commit either: its sessions
-//! require the message session's [`Gate`], so they are stored (and delivered) only if the
-//! message is, and a fast run often commits in the same transaction as its message. An agent
-//! with effects outside Tether (the HTTP agent calls a service) should therefore not act on a
-//! message before [`EventSink`] has stored something, or accept that it may see a message that
-//! was never stored (a database failure).
-//!
+//! Every event is written through a session of the run's context. The sink stages events;
+//! [`drive_run`] submits what is staged as one session whenever the agent waits and when it
+//! ends, without waiting for the commit (the store keeps the order and delivers each event only
+//! after its commit), so an agent's steps are stored and seen as it goes, steps taken without
+//! waiting share one session, and the run waits for all of its sessions before it is over. A
+//! run also starts without waiting for its user message's commit: its sessions require the
+//! message session's [`Gate`], so they are stored (and delivered) only if the message is, and a
+//! fast run commits in the same transaction as its message. An agent with effects outside
+//! Tether (an HTTP agent calls a service) may therefore see a message whose commit then fails
+//! (a database failure); none of its events is stored then, and the sender gets an `error`.
+
 //! [`DemoAgent`] is the built-in agent. It is a demo and says so: no model, it counts the words
 //! of the message with a real (small) tool and echoes the text.
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -99,33 +101,29 @@ pub trait Agent: Send + Sync + 'static {
     async fn run(&self, input: &RunInput, sink: &mut EventSink) -> Result<String, AgentError>;
 }
 
-/// Emits a run's events through sessions of the run's context.
+/// Where an agent puts its run's events. They are staged, and [`drive_run`] submits what was
+/// staged as one session of the run's context each time the agent waits (its future returns
+/// `Pending`) and when it ends: an agent that streams as it works has each step stored and
+/// delivered before it waits for the next, and steps taken without waiting share a session.
 pub struct EventSink {
-    factory: SessionFactory,
     ctx: UserExecutionContext,
     reply_to: Option<Arc<str>>,
-    receipts: Vec<CommitReceipt>,
+    staged: Staged,
     reply_message_id: String,
     delta_offset: usize,
-    /// The gate of the user message's session: every session of the run requires it.
-    after: Option<Gate>,
 }
 
+/// Writes staged by the sink, taken by the run's [`Flusher`].
+type Staged = Arc<std::sync::Mutex<Vec<Write>>>;
+
 impl EventSink {
-    fn new(
-        factory: SessionFactory,
-        ctx: UserExecutionContext,
-        reply_to: Option<Arc<str>>,
-        after: Option<Gate>,
-    ) -> Self {
+    fn new(ctx: UserExecutionContext, reply_to: Option<Arc<str>>) -> Self {
         Self {
-            factory,
             ctx,
             reply_to,
-            receipts: Vec::new(),
+            staged: Staged::default(),
             reply_message_id: ids::message_id(),
             delta_offset: 0,
-            after,
         }
     }
 
@@ -145,15 +143,14 @@ impl EventSink {
     }
 
     async fn emit(&mut self, writes: Vec<Write>) -> Result<(), AgentError> {
-        let mut session = self.factory.create_session_from_context(&self.ctx);
-        if let Some(gate) = &self.after {
-            session.stage(Write::Requires(gate.clone()));
-        }
-        for w in writes {
-            session.stage(w);
-        }
-        self.receipts.push(session.submit().await?);
+        self.stage(writes);
         Ok(())
+    }
+
+    fn stage(&self, writes: Vec<Write>) {
+        // Never held across an await; a panic elsewhere cannot leave the Vec inconsistent.
+        let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
+        staged.extend(writes);
     }
 
     /// `agent_thinking`.
@@ -203,6 +200,42 @@ impl EventSink {
         self.delta_offset += delta.chars().count();
         self.emit(vec![Write::Transient { text }]).await
     }
+}
+
+/// Submits what the sink staged, as sessions of the run's context, and remembers their receipts.
+struct Flusher {
+    factory: SessionFactory,
+    ctx: UserExecutionContext,
+    staged: Staged,
+    /// The gate of the user message's session: every session of the run requires it.
+    after: Option<Gate>,
+    receipts: Vec<CommitReceipt>,
+}
+
+impl Flusher {
+    fn has_staged(&self) -> bool {
+        !self
+            .staged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    async fn flush(&mut self) -> Result<(), AgentError> {
+        let writes = std::mem::take(&mut *self.staged.lock().unwrap_or_else(|p| p.into_inner()));
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut session = self.factory.create_session_from_context(&self.ctx);
+        if let Some(gate) = &self.after {
+            session.stage(Write::Requires(gate.clone()));
+        }
+        for w in writes {
+            session.stage(w);
+        }
+        self.receipts.push(session.submit().await?);
+        Ok(())
+    }
 
     /// Wait for every submitted session to commit.
     async fn settle(&mut self) -> Result<(), AgentError> {
@@ -241,18 +274,36 @@ pub async fn drive_run(
         m.runs_active.inc();
         let started = Instant::now();
         tracing::info!("run started");
-        let mut sink = EventSink::new(factory.clone(), ctx.clone(), reply_to, input.after.clone());
-        let started_ev = sink.event("agent_started", json!({ "agent": agent.name(), "run_id": ctx.run_id() }));
-        let mut result = match sink.emit(vec![started_ev]).await {
-            Ok(()) => {
-                let fut = agent.run(&input, &mut sink);
-                tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => Err(AgentError::Cancelled),
-                    r = tokio::time::timeout(timeout, fut) => r.unwrap_or(Err(AgentError::Timeout(timeout))),
+        let mut sink = EventSink::new(ctx.clone(), reply_to);
+        let mut flusher = Flusher {
+            factory,
+            ctx: ctx.clone(),
+            staged: sink.staged.clone(),
+            after: input.after.clone(),
+            receipts: Vec::new(),
+        };
+        sink.stage(vec![sink.event("agent_started", json!({ "agent": agent.name(), "run_id": ctx.run_id() }))]);
+        let flusher_ref = &mut flusher;
+        let steps = async {
+            let mut fut = agent.run(&input, &mut sink);
+            loop {
+                // Poll the agent; whenever it waits with events staged, submit them first.
+                let step = std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                    Poll::Pending if flusher_ref.has_staged() => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                })
+                .await;
+                match step {
+                    Some(r) => break r,
+                    None => flusher_ref.flush().await?,
                 }
             }
-            Err(e) => Err(e),
+        };
+        let mut result = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Err(AgentError::Cancelled),
+            r = tokio::time::timeout(timeout, steps) => r.unwrap_or(Err(AgentError::Timeout(timeout))),
         };
         let duration_ms = started.elapsed().as_millis() as u64;
         let final_writes = match &result {
@@ -282,10 +333,11 @@ pub async fn drive_run(
                 },
             ],
         };
-        if let Err(e) = sink.emit(final_writes).await {
+        sink.stage(final_writes);
+        if let Err(e) = flusher.flush().await {
             result = Err(e);
         }
-        if let Err(e) = sink.settle().await {
+        if let Err(e) = flusher.settle().await {
             tracing::error!(error = %e, "run events were not all stored");
             result = Err(e);
         }

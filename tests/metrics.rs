@@ -172,7 +172,9 @@ async fn metrics_parse_and_move_when_clients_misbehave() {
         1.0
     );
     assert!(delta("tether_messages_out_total{type=\"thread_event\"}") >= 5.0);
-    assert!(delta("tether_db_sessions_committed_total") >= 6.0);
+    // The user message's session and at least one of its run (a run's steps taken without
+    // waiting share a session).
+    assert!(delta("tether_db_sessions_committed_total") >= 2.0);
     assert_eq!(get(&after, "tether_db_sessions_open"), 0.0);
     assert_eq!(get(&after, "tether_connections_active"), 1.0);
 }
