@@ -1553,6 +1553,29 @@ mod tests {
         })
     }
 
+    /// A store and a session factory, with a new thread of `user` already created.
+    async fn store_with_thread(
+        user: &str,
+    ) -> (
+        Arc<SqlStore>,
+        std::path::PathBuf,
+        SessionFactory,
+        UserExecutionContext,
+    ) {
+        let (store, dir) = store().await;
+        let sessions = SessionFactory::new(store.clone());
+        let c = ctx(user);
+        let mut s = sessions.create_session_from_context(&c);
+        s.stage(Write::CreateThread);
+        s.commit().await.unwrap();
+        (store, dir, sessions, c)
+    }
+
+    async fn close(store: Arc<SqlStore>, dir: std::path::PathBuf) {
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     async fn store() -> (Arc<SqlStore>, std::path::PathBuf) {
         let dir =
             std::env::temp_dir().join(format!("tether-store-{}", crate::ids::connection_id()));
@@ -1570,12 +1593,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_run_whose_message_fails_stores_nothing_and_leaves_no_seq_gap() {
-        let (store, dir) = store().await;
-        let sessions = SessionFactory::new(store.clone());
-        let a = ctx("alice");
-        let mut s = sessions.create_session_from_context(&a);
-        s.stage(Write::CreateThread);
-        s.commit().await.unwrap();
+        let (store, dir, sessions, a) = store_with_thread("alice").await;
         // The message fails (its thread does not exist); its run, queued right behind it
         // (usually in the same batch), is refused.
         let bob = ctx("bob");
@@ -1614,8 +1632,7 @@ mod tests {
         let mut other = sessions.create_session_from_context(&a);
         other.stage(event(3));
         assert_eq!(other.commit().await.unwrap(), vec![1]);
-        store.close().await;
-        let _ = std::fs::remove_dir_all(dir);
+        close(store, dir).await;
     }
 
     #[tokio::test]
@@ -1665,8 +1682,7 @@ mod tests {
             .unwrap()
             .events
             .is_empty());
-        store.close().await;
-        let _ = std::fs::remove_dir_all(dir);
+        close(store, dir).await;
     }
 
     #[tokio::test]
@@ -1685,18 +1701,12 @@ mod tests {
         assert_eq!(run.commit().await.unwrap(), vec![2]);
         assert_eq!(msg.await.unwrap().unwrap(), vec![1]);
         assert!(!gate.failed());
-        store.close().await;
-        let _ = std::fs::remove_dir_all(dir);
+        close(store, dir).await;
     }
 
     #[tokio::test]
     async fn concurrent_sessions_get_gap_free_seqs_and_a_bad_one_fails_alone() {
-        let (store, dir) = store().await;
-        let sessions = SessionFactory::new(store.clone());
-        let a = ctx("alice");
-        let mut s = sessions.create_session_from_context(&a);
-        s.stage(Write::CreateThread);
-        s.commit().await.unwrap();
+        let (store, dir, sessions, a) = store_with_thread("alice").await;
         // Submitted back to back, so the writer takes them as one batch.
         let mut receipts = Vec::new();
         for i in 0..50 {
@@ -1736,8 +1746,7 @@ mod tests {
             page.events.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
             vec![99, 100]
         );
-        store.close().await;
-        let _ = std::fs::remove_dir_all(dir);
+        close(store, dir).await;
     }
 
     #[test]
@@ -1773,7 +1782,6 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-        store.close().await;
-        let _ = std::fs::remove_dir_all(dir);
+        close(store, dir).await;
     }
 }
