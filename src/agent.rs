@@ -283,28 +283,33 @@ pub async fn drive_run(
             receipts: Vec::new(),
         };
         sink.stage(vec![sink.event("agent_started", json!({ "agent": agent.name(), "run_id": ctx.run_id() }))]);
-        let flusher_ref = &mut flusher;
-        let steps = async {
-            let mut fut = agent.run(&input, &mut sink);
-            loop {
-                // Poll the agent; whenever it waits with events staged, submit them first.
-                let step = std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
+        // Only the agent's own work is cancelled or timed out: a flush always runs to its end
+        // (it waits at most for room in the writer's queue), so nothing staged is lost.
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut fut = agent.run(&input, &mut sink);
+        let mut result = loop {
+            // Poll the agent; whenever it waits with events staged, submit them first.
+            let step = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break Err(AgentError::Cancelled),
+                _ = &mut deadline => break Err(AgentError::Timeout(timeout)),
+                step = std::future::poll_fn(|cx| match fut.as_mut().poll(cx) {
                     Poll::Ready(r) => Poll::Ready(Some(r)),
-                    Poll::Pending if flusher_ref.has_staged() => Poll::Ready(None),
+                    Poll::Pending if flusher.has_staged() => Poll::Ready(None),
                     Poll::Pending => Poll::Pending,
-                })
-                .await;
-                match step {
-                    Some(r) => break r,
-                    None => flusher_ref.flush().await?,
+                }) => step,
+            };
+            match step {
+                Some(r) => break r,
+                None => {
+                    if let Err(e) = flusher.flush().await {
+                        break Err(e);
+                    }
                 }
             }
         };
-        let mut result = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => Err(AgentError::Cancelled),
-            r = tokio::time::timeout(timeout, steps) => r.unwrap_or(Err(AgentError::Timeout(timeout))),
-        };
+        drop(fut);
         let duration_ms = started.elapsed().as_millis() as u64;
         let final_writes = match &result {
             Ok(reply) => vec![

@@ -662,6 +662,8 @@ async fn ws_handler(
     ws.protocols([protocol::PROTOCOL])
         .read_buffer_size(st.config.ws_read_buffer_bytes as usize)
         // Frames fed in one burst (see `forward`) leave in one write; a single `send` flushes.
+        // The buffer grows to the largest burst written (a run's frames: a few KiB) and keeps
+        // that capacity; a connection that never gets a burst never grows it.
         .write_buffer_size(WRITE_BATCH_BYTES)
         .max_write_buffer_size(max + 64 * 1024)
         .max_message_size(max)
@@ -811,8 +813,7 @@ impl RateLimiter {
 const WRITE_STALL: Duration = Duration::from_secs(10);
 /// Frames taken from the outbound queue for one write.
 const WRITE_BATCH_FRAMES: usize = 32;
-/// tungstenite buffers fed frames up to this size before writing; a flush writes the rest. The
-/// buffer is allocated only while a burst is written.
+/// tungstenite buffers fed frames up to this size before writing; a flush writes the rest.
 const WRITE_BATCH_BYTES: usize = 16 * 1024;
 
 /// How long a pending write may still take once a close was requested.
@@ -1344,7 +1345,9 @@ impl Connection {
                     after: Some(gate),
                 };
                 // The run starts now; its sessions queue behind the message's and are stored
-                // only if it is.
+                // only if it is. If the message is not stored, the sender hears it at once and
+                // the run is cancelled (whatever it still emits is refused by the gate).
+                let stop_run = cancel.clone();
                 let run = drive_run(
                     st.agent.clone(),
                     st.sessions.clone(),
@@ -1354,21 +1357,24 @@ impl Connection {
                     cancel,
                     st.config.run_timeout(),
                 );
-                let (stored, _) = tokio::join!(receipt, run);
-                let err = match stored {
-                    Ok(Ok(_)) => return,
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "store closed".into(),
+                let watch = async {
+                    let err = match receipt.await {
+                        Ok(Ok(_)) => return,
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "store closed".into(),
+                    };
+                    stop_run.cancel();
+                    tracing::error!(error = %err, "user message not stored; its run stored nothing");
+                    let text = protocol::error_frame(
+                        run_ctx.thread_id(),
+                        reply_to.as_deref(),
+                        ErrorCode::Internal,
+                        "message not stored",
+                    );
+                    st.registry
+                        .deliver_to(run_ctx.isolation_key(), &conn_id, OutFrame::new(0, text));
                 };
-                tracing::error!(error = %err, "user message not stored; its run stored nothing");
-                let text = protocol::error_frame(
-                    run_ctx.thread_id(),
-                    reply_to.as_deref(),
-                    ErrorCode::Internal,
-                    "message not stored",
-                );
-                st.registry
-                    .deliver_to(run_ctx.isolation_key(), &conn_id, OutFrame::new(0, text));
+                let _ = tokio::join!(watch, run);
             }
             .instrument(span),
         );

@@ -117,9 +117,14 @@ impl Gate {
         self.failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Whether `ctx` has the gate's isolation key.
+    pub(crate) fn belongs_to(&self, ctx: &UserExecutionContext) -> bool {
+        *ctx.isolation_key() == self.key
+    }
+
     /// Whether a session of `ctx` may pass (not failed, same isolation key).
     pub(crate) fn admits(&self, ctx: &UserExecutionContext) -> bool {
-        !self.failed() && *ctx.isolation_key() == self.key
+        !self.failed() && self.belongs_to(ctx)
     }
 
     pub(crate) fn fail(&self) {

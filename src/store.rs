@@ -238,9 +238,12 @@ impl Op {
     /// A session that must not be written because the session it depends on failed.
     fn blocked(&self) -> bool {
         match self {
-            Op::Session { ctx, writes, .. } => writes
-                .iter()
-                .any(|w| matches!(w, Write::Requires(g) if !g.admits(ctx))),
+            Op::Session { ctx, writes, .. } => writes.iter().any(|w| match w {
+                Write::Requires(g) => !g.admits(ctx),
+                // Only a session of the gate's own key may decide it (see `Gate`).
+                Write::Opens(g) => !g.belongs_to(ctx),
+                _ => false,
+            }),
             _ => false,
         }
     }
@@ -596,7 +599,7 @@ struct Writer {
     node_id: Arc<str>,
     shutdown: Option<oneshot::Sender<()>>,
     /// Where outcomes go when publishing runs on its own thread (SQLite); inline if `None`.
-    publisher: Option<std::sync::mpsc::Sender<Done>>,
+    publisher: Option<std::sync::mpsc::SyncSender<Done>>,
 }
 
 /// What the writer hands on, in commit order: frames to publish and waiters to answer.
@@ -647,8 +650,11 @@ impl Writer {
             .position(|op| matches!(op, Op::Shutdown { .. }))
         {
             for op in batch.drain(pos..) {
-                if let Op::Shutdown { reply } = op {
-                    self.shutdown.get_or_insert(reply);
+                match op {
+                    Op::Shutdown { reply } => {
+                        self.shutdown.get_or_insert(reply);
+                    }
+                    other => refuse(other),
                 }
             }
         }
@@ -699,14 +705,20 @@ impl Writer {
     fn close(mut self) {
         self.rx.close();
         while let Ok(op) = self.rx.try_recv() {
-            if let Op::Session { reply, .. } = op {
-                metrics().sessions_rolled_back.inc();
-                let _ = reply.send(Err(StoreError::Closed));
-            }
+            refuse(op);
         }
         if let Some(reply) = self.shutdown.take() {
             self.hand_on(Done::Closed(reply));
         }
+    }
+}
+
+/// An op that came after the shutdown: answered `Closed`, never written.
+fn refuse(op: Op) {
+    op.fail_gates();
+    if let Op::Session { reply, .. } = op {
+        metrics().sessions_rolled_back.inc();
+        let _ = reply.send(Err(StoreError::Closed));
     }
 }
 
@@ -808,7 +820,9 @@ fn start_sqlite_writer(
     let ck = rusqlite::Connection::open(&path)?;
     ck.busy_timeout(Duration::from_secs(10))?;
     // Publishing (registry lookups, queue pushes, waking tasks) runs beside the next commit.
-    let (publisher, done_rx) = std::sync::mpsc::channel::<Done>();
+    // Bounded: if publishing falls behind, the writer waits (and the writer queue fills up and
+    // holds submitters back), so committed-but-unpublished batches cannot pile up.
+    let (publisher, done_rx) = std::sync::mpsc::sync_channel::<Done>(16);
     let broker = w.broker.clone();
     std::thread::Builder::new()
         .name("tether-publisher".into())
@@ -822,6 +836,7 @@ fn start_sqlite_writer(
     w.publisher = Some(publisher);
     let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let ck_running = running.clone();
+    let stop_checkpointer = running.clone();
     std::thread::Builder::new()
         .name("tether-sqlite-ckpt".into())
         .spawn(move || checkpointer(ck, &ck_running))
@@ -854,7 +869,10 @@ fn start_sqlite_writer(
             w.close();
             running.store(false, std::sync::atomic::Ordering::Release);
         })
-        .map_err(|e| StoreError::Config(format!("cannot start the SQLite writer: {e}")))?;
+        .map_err(|e| {
+            stop_checkpointer.store(false, std::sync::atomic::Ordering::Release);
+            StoreError::Config(format!("cannot start the SQLite writer: {e}"))
+        })?;
     Ok(())
 }
 
@@ -1212,6 +1230,7 @@ fn plan<'a>(
             Op::Session { ctx, writes, .. } => {
                 // Checked in batch order: a gate shut by an earlier op of this batch counts.
                 if op.blocked() {
+                    op.fail_gates();
                     results.push(Err(StoreError::MessageNotStored));
                     continue;
                 }
