@@ -1188,9 +1188,14 @@ fn seq_requests(ops: &[Op]) -> Vec<(&str, &str, i64)> {
             if n == 0 {
                 continue;
             }
-            match wanted.iter_mut().find(|(t, _, _)| *t == ctx.thread_id()) {
-                Some(w) if w.1 == ctx.user_id() => w.2 += n,
-                Some(_) => {} // another user's session on this thread id: it fails in `plan`
+            // Keyed by thread and user: another user's session on this thread id reserves
+            // nothing (its user does not own the thread) and fails alone in `plan`, whichever
+            // comes first in the batch.
+            match wanted
+                .iter_mut()
+                .find(|(t, u, _)| *t == ctx.thread_id() && *u == ctx.user_id())
+            {
+                Some(w) => w.2 += n,
                 None => wanted.push((ctx.thread_id(), ctx.user_id(), n)),
             }
         }
@@ -1394,7 +1399,7 @@ async fn write_batch(
     for chunk in pow2_chunks(&wanted) {
         let sql = format!(
             "UPDATE threads SET last_seq = last_seq + v.n, updated_at = {p1} FROM {} \
-             WHERE threads.thread_id = v.tid AND threads.user_id = v.uid RETURNING thread_id, last_seq",
+             WHERE threads.thread_id = v.tid AND threads.user_id = v.uid RETURNING thread_id, user_id, last_seq",
             inline_table(ph, &[("tid", "TEXT"), ("uid", "TEXT"), ("n", "BIGINT")], chunk.len(), 2)
         );
         let mut q = sqlx::query(&sql).bind(now);
@@ -1403,8 +1408,9 @@ async fn write_batch(
         }
         for row in q.fetch_all(&mut *tx).await? {
             let thread: String = row.try_get(0)?;
-            let last = u64_of(&row, 1)?;
-            if let Some((t, u, n)) = chunk.iter().find(|(t, _, _)| *t == thread) {
+            let user: String = row.try_get(1)?;
+            let last = u64_of(&row, 2)?;
+            if let Some((t, u, n)) = chunk.iter().find(|(t, u, _)| *t == thread && *u == user) {
                 next.insert(t, (u, last + 1 - *n as u64));
             }
         }
@@ -1651,6 +1657,30 @@ mod tests {
         let mut other = sessions.create_session_from_context(&a);
         other.stage(event(3));
         assert_eq!(other.commit().await.unwrap(), vec![1]);
+        close(store, dir).await;
+    }
+
+    #[tokio::test]
+    async fn an_intruder_first_in_a_batch_does_not_fail_the_owner() {
+        let (store, dir, sessions, a) = store_with_thread("alice").await;
+        let bob_on_alice = crate::context::UserExecutionContext::from_websocket_request(
+            "bob",
+            &crate::ids::connection_id(),
+            ThreadChoice::Resume(OwnedThread::new("bob", a.thread_id())),
+        )
+        .unwrap();
+        // Back to back, so usually one batch, the intruder first.
+        let mut intruder = sessions.create_session_from_context(&bob_on_alice);
+        intruder.stage(event(0));
+        let intruder = intruder.submit().await.unwrap();
+        let mut owner = sessions.create_session_from_context(&a);
+        owner.stage(event(1));
+        let owner = owner.submit().await.unwrap();
+        assert!(matches!(
+            intruder.await.unwrap(),
+            Err(StoreError::ThreadNotFound)
+        ));
+        assert_eq!(owner.await.unwrap().unwrap(), vec![1]);
         close(store, dir).await;
     }
 
