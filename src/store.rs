@@ -1556,7 +1556,7 @@ mod tests {
     use crate::broker::LocalBroker;
     use crate::context::ThreadChoice;
     use crate::registry::{Limits, Registry};
-    use crate::session::{NewEvent, SessionFactory};
+    use crate::session::{CommitReceipt, NewEvent, SessionFactory};
 
     fn ctx(user: &str) -> UserExecutionContext {
         UserExecutionContext::from_websocket_request(
@@ -1594,6 +1594,22 @@ mod tests {
         s.stage(Write::CreateThread);
         s.commit().await.unwrap();
         (store, dir, sessions, c)
+    }
+
+    /// Submit one event as "bob" on `owner`'s thread (a forged ownership proof).
+    async fn submit_as_intruder(
+        sessions: &SessionFactory,
+        owner: &UserExecutionContext,
+    ) -> CommitReceipt {
+        let bob_on_owner = UserExecutionContext::from_websocket_request(
+            "bob",
+            &crate::ids::connection_id(),
+            ThreadChoice::Resume(OwnedThread::new("bob", owner.thread_id())),
+        )
+        .unwrap();
+        let mut s = sessions.create_session_from_context(&bob_on_owner);
+        s.stage(event(0));
+        s.submit().await.unwrap()
     }
 
     async fn close(store: Arc<SqlStore>, dir: std::path::PathBuf) {
@@ -1663,16 +1679,8 @@ mod tests {
     #[tokio::test]
     async fn an_intruder_first_in_a_batch_does_not_fail_the_owner() {
         let (store, dir, sessions, a) = store_with_thread("alice").await;
-        let bob_on_alice = crate::context::UserExecutionContext::from_websocket_request(
-            "bob",
-            &crate::ids::connection_id(),
-            ThreadChoice::Resume(OwnedThread::new("bob", a.thread_id())),
-        )
-        .unwrap();
         // Back to back, so usually one batch, the intruder first.
-        let mut intruder = sessions.create_session_from_context(&bob_on_alice);
-        intruder.stage(event(0));
-        let intruder = intruder.submit().await.unwrap();
+        let intruder = submit_as_intruder(&sessions, &a).await;
         let mut owner = sessions.create_session_from_context(&a);
         owner.stage(event(1));
         let owner = owner.submit().await.unwrap();
@@ -1767,15 +1775,7 @@ mod tests {
         let mut ghost = sessions.create_session_from_context(&ctx("bob"));
         ghost.stage(event(0));
         let ghost = ghost.submit().await.unwrap();
-        let bob_on_alice = crate::context::UserExecutionContext::from_websocket_request(
-            "bob",
-            &crate::ids::connection_id(),
-            ThreadChoice::Resume(OwnedThread::new("bob", a.thread_id())),
-        )
-        .unwrap();
-        let mut intruder = sessions.create_session_from_context(&bob_on_alice);
-        intruder.stage(event(0));
-        let intruder = intruder.submit().await.unwrap();
+        let intruder = submit_as_intruder(&sessions, &a).await;
         let mut all = Vec::new();
         for r in receipts {
             all.extend(r.await.unwrap().unwrap());
