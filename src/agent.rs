@@ -142,11 +142,6 @@ impl EventSink {
         })
     }
 
-    async fn emit(&mut self, writes: Vec<Write>) -> Result<(), AgentError> {
-        self.stage(writes);
-        Ok(())
-    }
-
     fn stage(&self, writes: Vec<Write>) {
         // Never held across an await; a panic elsewhere cannot leave the Vec inconsistent.
         let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
@@ -156,7 +151,8 @@ impl EventSink {
     /// `agent_thinking`.
     pub async fn thinking(&mut self, thought: &str) -> Result<(), AgentError> {
         let w = self.event("agent_thinking", json!({ "thought": thought }));
-        self.emit(vec![w]).await
+        self.stage(vec![w]);
+        Ok(())
     }
 
     /// `tool_executing`; returns the `tool_call_id` to pass to [`EventSink::tool_completed`].
@@ -166,7 +162,7 @@ impl EventSink {
             "tool_executing",
             json!({ "tool": tool, "input": input, "tool_call_id": call }),
         );
-        self.emit(vec![w]).await?;
+        self.stage(vec![w]);
         Ok(call)
     }
 
@@ -182,7 +178,8 @@ impl EventSink {
             "tool_completed",
             json!({ "tool": tool, "output": output, "duration_ms": duration.as_millis() as u64, "tool_call_id": tool_call_id }),
         );
-        self.emit(vec![w]).await
+        self.stage(vec![w]);
+        Ok(())
     }
 
     /// `agent_text_delta`: a piece of the reply, not stored, droppable for slow consumers.
@@ -198,7 +195,8 @@ impl EventSink {
             &json!({ "message_id": self.reply_message_id, "offset": self.delta_offset, "delta": delta }),
         );
         self.delta_offset += delta.chars().count();
-        self.emit(vec![Write::Transient { text }]).await
+        self.stage(vec![Write::Transient { text }]);
+        Ok(())
     }
 }
 

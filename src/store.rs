@@ -409,13 +409,7 @@ impl Store for SqlStore {
         // Serialize here, on the submitter's task: the writer is one thread for everyone.
         for w in &mut writes {
             if let Write::Event(ev) = w {
-                ev.prepared = Some(PreparedFrame::new(
-                    ev.kind,
-                    Some(ctx.thread_id()),
-                    ev.run_id.as_deref(),
-                    ev.reply_to.as_deref(),
-                    &ev.data,
-                ));
+                ev.prepared = Some(prepare(&ctx, ev));
             }
         }
         let (reply, rx) = oneshot::channel();
@@ -834,12 +828,12 @@ fn start_sqlite_writer(
         .map_err(|e| StoreError::Config(format!("cannot start the publisher: {e}")))?;
     let mut w = w;
     w.publisher = Some(publisher);
-    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let ck_running = running.clone();
-    let stop_checkpointer = running.clone();
+    // The writer kicks the checkpointer after each commit. The writer thread owns the sender,
+    // so however that thread ends (closed, panicked, or never started) the checkpointer ends.
+    let (kick, kicked) = std::sync::mpsc::sync_channel::<()>(1);
     std::thread::Builder::new()
         .name("tether-sqlite-ckpt".into())
-        .spawn(move || checkpointer(ck, &ck_running))
+        .spawn(move || checkpointer(ck, kicked))
         .map_err(|e| StoreError::Config(format!("cannot start the SQLite checkpointer: {e}")))?;
     std::thread::Builder::new()
         .name("tether-sqlite-writer".into())
@@ -865,33 +859,30 @@ fn start_sqlite_writer(
                     }
                 };
                 w.finish(batch, results, started);
+                // Full means a kick is already waiting.
+                let _ = kick.try_send(());
             }
             w.close();
-            running.store(false, std::sync::atomic::Ordering::Release);
         })
-        .map_err(|e| {
-            stop_checkpointer.store(false, std::sync::atomic::Ordering::Release);
-            StoreError::Config(format!("cannot start the SQLite writer: {e}"))
-        })?;
+        .map_err(|e| StoreError::Config(format!("cannot start the SQLite writer: {e}")))?;
     Ok(())
 }
 
-/// Passive checkpoints (they never block the writer) until the writer thread ends.
-fn checkpointer(ck: rusqlite::Connection, running: &std::sync::atomic::AtomicBool) {
-    let mut last_done = -1;
-    while running.load(std::sync::atomic::Ordering::Acquire) {
-        match ck.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-        }) {
-            // Behind and moving: go again at once.
-            Ok((log, done)) if done < log && done != last_done => last_done = done,
-            Ok((_, done)) => {
-                last_done = done;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "SQLite checkpoint failed");
-                std::thread::sleep(Duration::from_millis(200));
+/// Passive checkpoints (they never block the writer): after each kick, repeated while they
+/// make progress and the WAL is not all copied; ends with the writer thread (its sender).
+fn checkpointer(ck: rusqlite::Connection, kicked: std::sync::mpsc::Receiver<()>) {
+    while kicked.recv().is_ok() {
+        let mut last_done = -1;
+        loop {
+            match ck.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            }) {
+                Ok((log, done)) if done < log && done != last_done => last_done = done,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "SQLite checkpoint failed");
+                    break;
+                }
             }
         }
     }
@@ -956,16 +947,16 @@ fn sqlite_write_batch(conn: &mut rusqlite::Connection, ops: &[Op], node_id: &str
             ])?;
         }
     }
-    // A run that starts and finishes in this batch (a fast agent) is inserted finished.
-    let mut finished_here: std::collections::HashMap<&str, &RunFinish<'_>> =
+    // A run that starts and finishes in this batch (a fast agent) is inserted finished; the
+    // finishes left over update runs of earlier batches.
+    let mut finishes: std::collections::HashMap<&str, &RunFinish<'_>> =
         rows.finishes.iter().map(|f| (f.run_id, f)).collect();
-    finished_here.retain(|id, _| rows.runs.iter().any(|r| r.run_id() == *id));
     {
         let mut st = tx.prepare_cached(
             "INSERT INTO runs (run_id, thread_id, user_id, request_id, connection_id, parent_run_id, status, started_at, finished_at, duration_ms, error_code) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )?;
         for r in &rows.runs {
-            let f = finished_here.get(r.run_id());
+            let f = finishes.remove(r.run_id());
             st.execute(params![
                 r.run_id(),
                 r.thread_id(),
@@ -985,11 +976,7 @@ fn sqlite_write_batch(conn: &mut rusqlite::Connection, ops: &[Op], node_id: &str
         let mut st = tx.prepare_cached(
             "UPDATE runs SET status = ?, finished_at = ?, duration_ms = ?, error_code = ? WHERE run_id = ?",
         )?;
-        for f in rows
-            .finishes
-            .iter()
-            .filter(|f| !finished_here.contains_key(f.run_id))
-        {
+        for f in finishes.values() {
             st.execute(params![
                 f.status,
                 now,
@@ -1261,7 +1248,7 @@ fn plan<'a>(
                             *slot += 1;
                             let text = match &ev.prepared {
                                 Some(p) => p.finish(seq, &ts),
-                                None => event_frame(ctx, ev, seq, now as u64),
+                                None => prepare(ctx, ev).finish(seq, &ts),
                             };
                             applied.seqs.push(seq);
                             let ack = ev.ack.as_ref().map(|a| {
@@ -1536,16 +1523,13 @@ async fn write_batch(
     Ok(results)
 }
 
-fn event_frame(ctx: &UserExecutionContext, ev: &NewEvent, seq: u64, now: u64) -> String {
-    protocol::frame(
+/// A thread event's frame, serialized up to its `seq` and time.
+fn prepare(ctx: &UserExecutionContext, ev: &NewEvent) -> PreparedFrame {
+    PreparedFrame::new(
         ev.kind,
-        FrameMeta {
-            thread_id: Some(ctx.thread_id()),
-            run_id: ev.run_id.as_deref(),
-            seq: Some(seq),
-            reply_to: ev.reply_to.as_deref(),
-            ts_ms: Some(now),
-        },
+        Some(ctx.thread_id()),
+        ev.run_id.as_deref(),
+        ev.reply_to.as_deref(),
         &ev.data,
     )
 }
