@@ -163,6 +163,7 @@ const SCHEMA: &[&str] = &[
     // usually commit together): their frames, newline-separated (compact JSON has no raw
     // newline), with `seq`, `kind` and `run_id` of the last one. One row and one index entry per
     // batch and thread instead of one per event keeps the writer's commits small; readers split.
+    // SQLite stores the text LZ4-packed, as a BLOB (see `pack`).
     "CREATE TABLE IF NOT EXISTS thread_events (
         thread_id TEXT NOT NULL,
         seq BIGINT NOT NULL,
@@ -206,7 +207,45 @@ const SCHEMA: &[&str] = &[
 ];
 
 /// WAL pages after which the SQLite writer checkpoints inline (see `start_sqlite_writer`).
-const WAL_BACKSTOP_PAGES: i64 = 4096;
+const WAL_BACKSTOP_PAGES: i64 = 8192;
+
+/// Commits between two kicks of the SQLite checkpointer. Every commit rewrites the same hot
+/// pages (the `threads` rows, the B-tree tails and interior pages); checkpointing after every
+/// commit copied each of them into the database file once per commit, checkpointing every 64
+/// copies them once per 64. The WAL stays a few MB (about 60 pages per commit under load).
+const CHECKPOINT_EVERY_COMMITS: u64 = 64;
+
+/// The largest frame row [`unpack`] inflates: far above any batch a thread can commit
+/// (`MAX_BATCH` sessions of at most `max_message_bytes`-sized events), so only a corrupt
+/// row can reach it.
+const MAX_UNPACKED_ROW: usize = 256 * 1024 * 1024;
+
+/// The SQLite form of a `thread_events.frame` value: LZ4 (block format, length prefix). A
+/// run's frames repeat their thread, run and reply ids, so they shrink to about a third, and a
+/// row of them fits a quarter page instead of most of one: the WAL, the checkpoints and the
+/// database file all write that much less. (PostgreSQL compresses such values itself, TOAST.)
+fn pack(frames: &str) -> Vec<u8> {
+    lz4_flex::compress_prepend_size(frames.as_bytes())
+}
+
+/// A stored frame row as text: SQLite rows written by [`pack`] are BLOBs, older SQLite rows
+/// and PostgreSQL rows are TEXT.
+fn unpack(row: &AnyRow, idx: usize) -> Result<String, StoreError> {
+    if let Ok(text) = row.try_get::<String, _>(idx) {
+        return Ok(text);
+    }
+    let bytes: Vec<u8> = row.try_get(idx)?;
+    let corrupt = |why: &str| StoreError::Database(format!("corrupt thread_events row: {why}"));
+    let size = bytes
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| corrupt("too short"))?;
+    if size > MAX_UNPACKED_ROW {
+        return Err(corrupt("length prefix too large"));
+    }
+    let raw = lz4_flex::decompress_size_prepended(&bytes).map_err(|e| corrupt(&e.to_string()))?;
+    String::from_utf8(raw).map_err(|_| corrupt("not UTF-8"))
+}
 
 /// How many sessions one group commit takes at most.
 const MAX_BATCH: usize = 512;
@@ -492,7 +531,7 @@ impl Store for SqlStore {
         let mut events = Vec::with_capacity(rows.len());
         'rows: for r in &rows {
             let last = u64_of(r, 0)?;
-            let text: String = r.try_get(1)?;
+            let text = unpack(r, 1)?;
             let n = text.split('\n').count() as u64;
             for (i, frame) in text.split('\n').enumerate() {
                 let seq = (last + 1 + i as u64).saturating_sub(n);
@@ -828,8 +867,9 @@ fn start_sqlite_writer(
         .map_err(|e| StoreError::Config(format!("cannot start the publisher: {e}")))?;
     let mut w = w;
     w.publisher = Some(publisher);
-    // The writer kicks the checkpointer after each commit. The writer thread owns the sender,
-    // so however that thread ends (closed, panicked, or never started) the checkpointer ends.
+    // The writer kicks the checkpointer every `CHECKPOINT_EVERY_COMMITS` commits. The writer
+    // thread owns the sender, so however that thread ends (closed, panicked, or never started)
+    // the checkpointer ends.
     let (kick, kicked) = std::sync::mpsc::sync_channel::<()>(1);
     std::thread::Builder::new()
         .name("tether-sqlite-ckpt".into())
@@ -839,6 +879,7 @@ fn start_sqlite_writer(
         .name("tether-sqlite-writer".into())
         .spawn(move || {
             let mut conn = conn;
+            let mut commits = 0u64;
             while w.shutdown.is_none() {
                 let Some(first) = w.rx.blocking_recv() else {
                     break;
@@ -859,8 +900,11 @@ fn start_sqlite_writer(
                     }
                 };
                 w.finish(batch, results, started);
-                // Full means a kick is already waiting.
-                let _ = kick.try_send(());
+                commits += 1;
+                if commits % CHECKPOINT_EVERY_COMMITS == 0 {
+                    // Full means a kick is already waiting.
+                    let _ = kick.try_send(());
+                }
             }
             w.close();
         })
@@ -927,7 +971,14 @@ fn sqlite_write_batch(conn: &mut rusqlite::Connection, ops: &[Op], node_id: &str
             "INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES (?, ?, ?, ?, ?, ?)",
         )?;
         for e in &rows.events {
-            st.execute(params![e.thread_id, e.seq, e.kind, e.run_id, now, e.frame])?;
+            st.execute(params![
+                e.thread_id,
+                e.seq,
+                e.kind,
+                e.run_id,
+                now,
+                pack(&e.frame)
+            ])?;
         }
     }
     {
@@ -1723,6 +1774,68 @@ mod tests {
             .unwrap()
             .events
             .is_empty());
+        close(store, dir).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_packs_frame_rows_and_still_reads_text_rows() {
+        let (store, dir) = store().await;
+        let sessions = SessionFactory::new(store.clone());
+        let a = ctx("alice");
+        let mut s = sessions.create_session_from_context(&a);
+        s.stage(Write::CreateThread);
+        for i in 0..6 {
+            s.stage(event(i));
+        }
+        s.commit().await.unwrap();
+        let (kind, packed): (String, i64) =
+            sqlx::query_as("SELECT typeof(frame), length(frame) FROM thread_events")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(kind, "blob");
+        let all = store.events_since(a.thread_id(), 0, 100).await.unwrap();
+        let text: usize = all.events.iter().map(|(_, f)| f.len() + 1).sum();
+        assert!(
+            (packed as usize) < text / 2,
+            "{packed} bytes stored for {text}"
+        );
+        // A row written as text (before packing, or by hand) reads back as it is.
+        let legacy = r#"{"type":"x","seq":7}"#;
+        sqlx::query("INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ($1, 7, 'x', NULL, 0, $2)")
+            .bind(a.thread_id())
+            .bind(legacy)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let page = store.events_since(a.thread_id(), 6, 100).await.unwrap();
+        assert_eq!(page.events, vec![(7, legacy.to_string())]);
+        close(store, dir).await;
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_packed_row_is_an_error_not_a_panic() {
+        let (store, dir) = store().await;
+        let a = ctx("alice");
+        for (seq, blob) in [
+            (1, vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3]),
+            (2, vec![1]),
+            (3, vec![5, 0, 0, 0, 0x50, b'a', 0xff]),
+        ] {
+            sqlx::query("DELETE FROM thread_events")
+                .execute(&store.pool)
+                .await
+                .unwrap();
+            sqlx::query("INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ($1, $2, 'x', NULL, 0, $3)")
+                .bind(a.thread_id())
+                .bind(seq)
+                .bind(blob)
+                .execute(&store.pool)
+                .await
+                .unwrap();
+            let err = store.events_since(a.thread_id(), 0, 10).await.unwrap_err();
+            assert!(err.to_string().contains("corrupt"), "{err}");
+        }
         close(store, dir).await;
     }
 
