@@ -901,7 +901,7 @@ fn start_sqlite_writer(
                 };
                 w.finish(batch, results, started);
                 commits += 1;
-                if commits % CHECKPOINT_EVERY_COMMITS == 0 {
+                if commits.is_multiple_of(CHECKPOINT_EVERY_COMMITS) {
                     // Full means a kick is already waiting.
                     let _ = kick.try_send(());
                 }
