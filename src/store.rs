@@ -207,45 +207,51 @@ const SCHEMA: &[&str] = &[
 ];
 
 /// WAL pages after which the SQLite writer checkpoints inline (see `start_sqlite_writer`).
-const WAL_BACKSTOP_PAGES: i64 = 8192;
+const WAL_BACKSTOP_PAGES: i64 = 4096;
 
 /// Commits between two kicks of the SQLite checkpointer. Every commit rewrites the same hot
 /// pages (the `threads` rows, the B-tree tails and interior pages); checkpointing after every
 /// commit copied each of them into the database file once per commit, checkpointing every 16
 /// copies them once per 16. Measured (BENCHMARKS.md): 16 keeps most of the gain of 64 without
-/// its larger checkpoints, which cost the chat p99 about 3 ms on two cores. The WAL stays near
-/// 3 MB (about 46 pages per commit under load).
+/// its larger checkpoints, which cost the chat p99 about 3 ms on two cores. Under load about
+/// 16 × 46 pages (3 MB) build up between kicks.
 const CHECKPOINT_EVERY_COMMITS: u64 = 16;
 
-/// The largest frame row [`unpack`] inflates: far above any batch a thread can commit
-/// (`MAX_BATCH` sessions of at most `max_message_bytes`-sized events), so only a corrupt
-/// row can reach it.
-const MAX_UNPACKED_ROW: usize = 256 * 1024 * 1024;
+/// When no kick came for this long, the checkpointer copies what is left anyway, so a quiet
+/// store does not keep its last commits only in the WAL.
+const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 
 /// The SQLite form of a `thread_events.frame` value: LZ4 (block format, length prefix). A
 /// run's frames repeat their thread, run and reply ids, so they shrink to about a third, and a
 /// row of them fits a quarter page instead of most of one: the WAL, the checkpoints and the
-/// database file all write that much less. (PostgreSQL compresses such values itself, TOAST.)
+/// database file all write that much less. (PostgreSQL compresses values over about 2 KB
+/// itself, TOAST, and keeps the rows as text.)
 fn pack(frames: &str) -> Vec<u8> {
     lz4_flex::compress_prepend_size(frames.as_bytes())
 }
 
 /// A stored frame row as text: SQLite rows written by [`pack`] are BLOBs, older SQLite rows
-/// and PostgreSQL rows are TEXT.
-fn unpack(row: &AnyRow, idx: usize) -> Result<String, StoreError> {
-    if let Ok(text) = row.try_get::<String, _>(idx) {
-        return Ok(text);
+/// and PostgreSQL rows are TEXT (told apart by the value's own type, not by its bytes).
+/// `seq` only names the row in an error.
+fn unpack(row: &AnyRow, idx: usize, seq: u64) -> Result<String, StoreError> {
+    let blob = sqlx::ValueRef::type_info(&row.try_get_raw(idx)?).kind()
+        == sqlx::any::AnyTypeInfoKind::Blob;
+    if !blob {
+        return Ok(row.try_get(idx)?);
     }
-    let bytes: Vec<u8> = row.try_get(idx)?;
-    let corrupt = |why: &str| StoreError::Database(format!("corrupt thread_events row: {why}"));
+    let bytes: &[u8] = row.try_get(idx)?;
+    let corrupt =
+        |why: &str| StoreError::Database(format!("corrupt thread_events row (seq {seq}): {why}"));
     let size = bytes
         .get(..4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .ok_or_else(|| corrupt("too short"))?;
-    if size > MAX_UNPACKED_ROW {
+    // LZ4 cannot expand a block more than 255 times, so any row `pack` wrote passes, and a
+    // corrupt prefix cannot make a read allocate more than 255 times what it already holds.
+    if size > (bytes.len() - 4).saturating_mul(255) {
         return Err(corrupt("length prefix too large"));
     }
-    let raw = lz4_flex::decompress_size_prepended(&bytes).map_err(|e| corrupt(&e.to_string()))?;
+    let raw = lz4_flex::decompress_size_prepended(bytes).map_err(|e| corrupt(&e.to_string()))?;
     String::from_utf8(raw).map_err(|_| corrupt("not UTF-8"))
 }
 
@@ -533,7 +539,7 @@ impl Store for SqlStore {
         let mut events = Vec::with_capacity(rows.len());
         'rows: for r in &rows {
             let last = u64_of(r, 0)?;
-            let text = unpack(r, 1)?;
+            let text = unpack(r, 1, last)?;
             let n = text.split('\n').count() as u64;
             for (i, frame) in text.split('\n').enumerate() {
                 let seq = (last + 1 + i as u64).saturating_sub(n);
@@ -831,7 +837,9 @@ fn sqlite_path(url: &str) -> Result<std::path::PathBuf, StoreError> {
 ///
 /// WAL checkpoints run on a second thread with its own connection, so copying pages into the
 /// database file and its fsync rarely stall a commit: the writer's own (automatic) checkpoint
-/// only runs past [`WAL_BACKSTOP_PAGES`], and finds little left to copy.
+/// only runs past [`WAL_BACKSTOP_PAGES`], when at most [`CHECKPOINT_EVERY_COMMITS`] commits
+/// are left to copy. The writer copies what is left once more when it stops, so a closed store
+/// leaves its database file current.
 fn start_sqlite_writer(
     path: std::path::PathBuf,
     synchronous: &str,
@@ -845,10 +853,11 @@ fn start_sqlite_writer(
     // A backstop, not the main path: the checkpointer thread copies pages while the writer
     // keeps appending, so its passive checkpoints rarely end exactly at the WAL's end, and the
     // WAL only restarts from its beginning after a complete one. When the WAL passes this many
-    // pages the writer checkpoints inline, right after a commit, where nothing can append:
-    // little is left to copy by then, it completes, and the next commit restarts the WAL
-    // (without it the WAL grew by hundreds of MB under load, and every new page of it cost the
-    // kernel a zeroed page).
+    // pages the writer checkpoints inline, right after a commit, where nothing can append: at
+    // most the commits since the last kick are left to copy, it usually completes (a reader on
+    // an old snapshot can hold it back), and the next commit restarts the WAL (without it the
+    // WAL grew by hundreds of MB under load, and every new page of it cost the kernel a zeroed
+    // page).
     conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)?;
     // A WAL that grew during a burst is cut back to this size when it restarts.
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
@@ -908,27 +917,40 @@ fn start_sqlite_writer(
                     let _ = kick.try_send(());
                 }
             }
+            // Before the shutdown is confirmed: the database file gets the last commits, so a
+            // copy of it without its `-wal` file is current too.
+            checkpoint(&conn);
             w.close();
         })
         .map_err(|e| StoreError::Config(format!("cannot start the SQLite writer: {e}")))?;
     Ok(())
 }
 
-/// Passive checkpoints (they never block the writer): after each kick, repeated while they
-/// make progress and the WAL is not all copied; ends with the writer thread (its sender).
+/// Passive checkpoints on their own thread: after each kick, and after [`CHECKPOINT_IDLE`]
+/// without one; ends with the writer thread (its sender).
 fn checkpointer(ck: rusqlite::Connection, kicked: std::sync::mpsc::Receiver<()>) {
-    while kicked.recv().is_ok() {
-        let mut last_done = -1;
-        loop {
-            match ck.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-            }) {
-                Ok((log, done)) if done < log && done != last_done => last_done = done,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "SQLite checkpoint failed");
-                    break;
-                }
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        match kicked.recv_timeout(CHECKPOINT_IDLE) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => checkpoint(&ck),
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+}
+
+/// A passive checkpoint (it never blocks the writer), repeated while it makes progress and the
+/// WAL is not all copied. With nothing new in the WAL it returns at once.
+fn checkpoint(conn: &rusqlite::Connection) {
+    let mut last_done = -1;
+    loop {
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        }) {
+            Ok((log, done)) if done < log && done != last_done => last_done = done,
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "SQLite checkpoint failed");
+                break;
             }
         }
     }
@@ -1802,27 +1824,61 @@ mod tests {
             (packed as usize) < text / 2,
             "{packed} bytes stored for {text}"
         );
-        // A row written as text (before packing, or by hand) reads back as it is.
-        let legacy = r#"{"type":"x","seq":7}"#;
-        sqlx::query("INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ($1, 7, 'x', NULL, 0, $2)")
+        // A row written as text before packing (two frames, newline-separated) reads back.
+        let legacy = ["{\"type\":\"x\",\"seq\":7}", "{\"type\":\"y\",\"seq\":8}"];
+        sqlx::query("INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ($1, 8, 'y', NULL, 0, $2)")
             .bind(a.thread_id())
-            .bind(legacy)
+            .bind(legacy.join("\n"))
             .execute(&store.pool)
             .await
             .unwrap();
         let page = store.events_since(a.thread_id(), 6, 100).await.unwrap();
-        assert_eq!(page.events, vec![(7, legacy.to_string())]);
+        assert_eq!(
+            page.events,
+            vec![(7, legacy[0].to_string()), (8, legacy[1].to_string())]
+        );
         close(store, dir).await;
+    }
+
+    #[tokio::test]
+    async fn a_closed_store_leaves_its_database_file_current() {
+        let (store, dir) = store().await;
+        let sessions = SessionFactory::new(store.clone());
+        let mut s = sessions.create_session_from_context(&ctx("alice"));
+        s.stage(Write::CreateThread).stage(event(0)).stage(event(1));
+        s.commit().await.unwrap();
+        // Fewer commits than a checkpointer kick needs, and well within its idle wait.
+        store.close().await;
+        // The database file alone, as an operator might copy it without its `-wal` file.
+        let copy = dir.join("copy.db");
+        std::fs::copy(dir.join("tether.db"), &copy).unwrap();
+        let db = rusqlite::Connection::open(&copy).unwrap();
+        let rows: i64 = db
+            .query_row("SELECT COUNT(*) FROM thread_events", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 1);
+        drop(db);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]
     async fn a_corrupt_packed_row_is_an_error_not_a_panic() {
         let (store, dir) = store().await;
         let a = ctx("alice");
-        for (seq, blob) in [
-            (1, vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3]),
-            (2, vec![1]),
-            (3, vec![5, 0, 0, 0, 0x50, b'a', 0xff]),
+        for (seq, blob, why) in [
+            (
+                1,
+                vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+                "length prefix too large",
+            ),
+            (2, vec![1], "too short"),
+            // Five literal bytes announced, two present.
+            (3, vec![5, 0, 0, 0, 0x50, b'a', 0xff], "corrupt"),
+            (
+                4,
+                lz4_flex::compress_prepend_size(&[0xff, 0xfe]),
+                "not UTF-8",
+            ),
         ] {
             sqlx::query("DELETE FROM thread_events")
                 .execute(&store.pool)
@@ -1836,7 +1892,9 @@ mod tests {
                 .await
                 .unwrap();
             let err = store.events_since(a.thread_id(), 0, 10).await.unwrap_err();
-            assert!(err.to_string().contains("corrupt"), "{err}");
+            let err = err.to_string();
+            assert!(err.contains("corrupt thread_events row"), "{err}");
+            assert!(err.contains(why), "{err}");
         }
         close(store, dir).await;
     }
