@@ -930,11 +930,8 @@ fn start_sqlite_writer(
 /// without one; ends with the writer thread (its sender).
 fn checkpointer(ck: rusqlite::Connection, kicked: std::sync::mpsc::Receiver<()>) {
     use std::sync::mpsc::RecvTimeoutError;
-    loop {
-        match kicked.recv_timeout(CHECKPOINT_IDLE) {
-            Ok(()) | Err(RecvTimeoutError::Timeout) => checkpoint(&ck),
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
+    while let Ok(()) | Err(RecvTimeoutError::Timeout) = kicked.recv_timeout(CHECKPOINT_IDLE) {
+        checkpoint(&ck);
     }
 }
 
