@@ -184,9 +184,20 @@ impl<'a> FrameMeta<'a> {
 /// Build one server frame as JSON text.
 pub fn frame<D: Serialize + ?Sized>(kind: &str, meta: FrameMeta<'_>, data: &D) -> String {
     let ts = rfc3339_ms(meta.ts_ms.unwrap_or_else(crate::ids::unix_ms));
+    frame_at(kind, meta, &ts, data)
+}
+
+/// [`frame`] with its time already formatted (`ts` as [`rfc3339_ms`] formats it; `meta.ts_ms`
+/// is not read): the store's writer formats a batch's time once for all its frames.
+pub fn frame_at<D: Serialize + ?Sized>(
+    kind: &str,
+    meta: FrameMeta<'_>,
+    ts: &str,
+    data: &D,
+) -> String {
     let env = Envelope {
         kind,
-        ts: &ts,
+        ts,
         thread_id: meta.thread_id,
         run_id: meta.run_id,
         seq: meta.seq,
@@ -256,6 +267,16 @@ impl PreparedFrame {
         out.push_str(&self.text[self.seq_at..]);
         out
     }
+}
+
+/// The `data` of an `ack` (PROTOCOL.md): the stored message's id, its `seq` and the run it
+/// started. Fields in the order `serde_json` gives a `json!` object (sorted), so the bytes are
+/// those of the earlier `json!` form.
+#[derive(Debug, Serialize)]
+pub struct AckData<'a> {
+    pub message_id: &'a str,
+    pub run_id: &'a str,
+    pub seq: u64,
 }
 
 /// An `error` frame.
@@ -468,6 +489,34 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ack_built_at_a_batch_time_has_the_bytes_of_the_json_form() {
+        let ms = 1_795_996_904_283;
+        let meta = || FrameMeta {
+            thread_id: Some("thread_x_1_2_ab"),
+            seq: Some(41),
+            reply_to: Some("c-1 \"q\""),
+            ts_ms: Some(ms),
+            ..Default::default()
+        };
+        let before = frame(
+            "ack",
+            meta(),
+            &serde_json::json!({"message_id": "msg_1_2_ab", "seq": 41, "run_id": "run_x_1_2_cd"}),
+        );
+        let now = frame_at(
+            "ack",
+            meta(),
+            &rfc3339_ms(ms),
+            &AckData {
+                message_id: "msg_1_2_ab",
+                run_id: "run_x_1_2_cd",
+                seq: 41,
+            },
+        );
+        assert_eq!(now, before);
+    }
 
     #[test]
     fn a_prepared_frame_finishes_to_the_same_bytes_as_frame() {

@@ -1324,16 +1324,20 @@ fn plan<'a>(
                             };
                             applied.seqs.push(seq);
                             let ack = ev.ack.as_ref().map(|a| {
-                                let ack = protocol::frame(
+                                let ack = protocol::frame_at(
                                     "ack",
                                     FrameMeta {
                                         thread_id: Some(ctx.thread_id()),
                                         seq: Some(seq),
                                         reply_to: ev.reply_to.as_deref(),
-                                        ts_ms: Some(now as u64),
                                         ..Default::default()
                                     },
-                                    &serde_json::json!({"message_id": a.message_id, "seq": seq, "run_id": a.run_id}),
+                                    &ts,
+                                    &protocol::AckData {
+                                        message_id: &a.message_id,
+                                        run_id: &a.run_id,
+                                        seq,
+                                    },
                                 );
                                 (ctx.connection_id_arc().clone(), OutFrame::new(seq, ack))
                             });
