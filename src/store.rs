@@ -890,6 +890,7 @@ fn start_sqlite_writer(
         .name("tether-sqlite-writer".into())
         .spawn(move || {
             let mut conn = conn;
+            let mut seqs = SeqCache::default();
             let mut commits = 0u64;
             while w.shutdown.is_none() {
                 let Some(first) = w.rx.blocking_recv() else {
@@ -900,13 +901,13 @@ fn start_sqlite_writer(
                     continue;
                 }
                 let started = Instant::now();
-                let results = match sqlite_write_batch(&mut conn, &batch, &w.node_id) {
+                let results = match sqlite_write_batch(&mut conn, &mut seqs, &batch, &w.node_id) {
                     Ok(results) => results,
                     Err(e) => {
                         tracing::warn!(error = %e, ops = batch.len(), "group commit failed; retrying each session alone");
                         batch
                             .chunks(1)
-                            .map(|op| alone(sqlite_write_batch(&mut conn, op, &w.node_id), op))
+                            .map(|op| alone(sqlite_write_batch(&mut conn, &mut seqs, op, &w.node_id), op))
                             .collect()
                     }
                 };
@@ -953,8 +954,51 @@ fn checkpoint(conn: &rusqlite::Connection) {
     }
 }
 
+/// The SQLite writer's memory of each thread's owner and `last_seq`, as of its last commit, so
+/// a batch does not read them back. Each reservation still goes through the database as a
+/// compare-and-set (`WHERE last_seq = remembered`): if anything else moved the row, the update
+/// changes nothing, the thread is read afresh, and the reservation is made again. Entries only
+/// change after a commit succeeds; a rolled-back batch leaves them as they were.
+#[derive(Default)]
+struct SeqCache {
+    /// thread id → (owner, last_seq).
+    threads: std::collections::HashMap<String, (String, i64)>,
+}
+
+impl SeqCache {
+    /// Threads remembered at most; past it the cache starts over (it only saves reads).
+    const MAX: usize = 100_000;
+
+    fn get(&self, thread_id: &str, user_id: &str) -> Option<i64> {
+        self.threads
+            .get(thread_id)
+            .filter(|(owner, _)| owner == user_id)
+            .map(|(_, last)| *last)
+    }
+
+    fn committed(&mut self, reserved: Vec<(&str, &str, i64)>) {
+        if self.threads.len() + reserved.len() > Self::MAX {
+            self.threads.clear();
+        }
+        for (thread, user, last) in reserved {
+            match self.threads.get_mut(thread) {
+                Some(e) => *e = (user.to_string(), last),
+                None => {
+                    self.threads
+                        .insert(thread.to_string(), (user.to_string(), last));
+                }
+            }
+        }
+    }
+}
+
 /// The SQLite form of [`write_batch`]: the same plan, single-row prepared statements.
-fn sqlite_write_batch(conn: &mut rusqlite::Connection, ops: &[Op], node_id: &str) -> BatchResult {
+fn sqlite_write_batch(
+    conn: &mut rusqlite::Connection,
+    seqs: &mut SeqCache,
+    ops: &[Op],
+    node_id: &str,
+) -> BatchResult {
     use rusqlite::{params, OptionalExtension};
     let now = unix_ms() as i64;
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -968,21 +1012,37 @@ fn sqlite_write_batch(conn: &mut rusqlite::Connection, ops: &[Op], node_id: &str
     }
     let wanted = seq_requests(ops);
     let mut next: NextSeqs<'_> = NextSeqs::with_capacity(wanted.len());
+    let mut reserved = Vec::with_capacity(wanted.len());
     {
-        // A read and a plain update: `UPDATE .. RETURNING` builds a temporary table on every
-        // call in SQLite, which cost as much as all the batch's inserts together. The writer's
-        // IMMEDIATE transaction already serializes appends.
+        // A compare-and-set against the remembered `last_seq` (read only when not remembered
+        // or moved): `UPDATE .. RETURNING` builds a temporary table on every call in SQLite,
+        // which cost as much as all the batch's inserts together. The writer's IMMEDIATE
+        // transaction already serializes appends.
         let mut read =
             tx.prepare_cached("SELECT last_seq FROM threads WHERE thread_id = ? AND user_id = ?")?;
         let mut bump = tx.prepare_cached(
-            "UPDATE threads SET last_seq = ?, updated_at = ? WHERE thread_id = ?",
+            "UPDATE threads SET last_seq = ?, updated_at = ? WHERE thread_id = ? AND user_id = ? AND last_seq = ?",
         )?;
         for (t, u, n) in &wanted {
-            let last: Option<i64> = read.query_row(params![t, u], |r| r.get(0)).optional()?;
-            if let Some(last) = last {
-                let last = last.max(0);
-                bump.execute(params![last + n, now, t])?;
-                next.insert(t, (u, last as u64 + 1));
+            // The remembered value first; the database's when there is none or it moved.
+            let mut base = None;
+            if let Some(l) = seqs.get(t, u) {
+                if bump.execute(params![l + n, now, t, u, l])? == 1 {
+                    base = Some(l);
+                }
+            }
+            if base.is_none() {
+                let read: Option<i64> = read.query_row(params![t, u], |r| r.get(0)).optional()?;
+                if let Some(l) = read {
+                    let b = l.max(0);
+                    // Just read inside this IMMEDIATE transaction: the compare holds.
+                    bump.execute(params![b + n, now, t, u, l])?;
+                    base = Some(b);
+                }
+            }
+            if let Some(b) = base {
+                next.insert(t, (u, b as u64 + 1));
+                reserved.push((*t, *u, b + n));
             }
         }
     }
@@ -1082,6 +1142,7 @@ fn sqlite_write_batch(conn: &mut rusqlite::Connection, ops: &[Op], node_id: &str
         }
     }
     tx.commit()?;
+    seqs.committed(reserved);
     Ok(results)
 }
 
@@ -1838,6 +1899,36 @@ mod tests {
             page.events,
             vec![(7, legacy[0].to_string()), (8, legacy[1].to_string())]
         );
+        close(store, dir).await;
+    }
+
+    #[tokio::test]
+    async fn the_writer_rereads_a_seq_that_moved_behind_its_back() {
+        let (store, dir) = store().await;
+        let sessions = SessionFactory::new(store.clone());
+        let a = ctx("alice");
+        let mut s = sessions.create_session_from_context(&a);
+        s.stage(Write::CreateThread).stage(event(0)).stage(event(1));
+        assert_eq!(s.commit().await.unwrap(), vec![1, 2]);
+        // Remembered: the next batch does not read the row.
+        let mut s = sessions.create_session_from_context(&a);
+        s.stage(event(2));
+        assert_eq!(s.commit().await.unwrap(), vec![3]);
+        // Moved by someone else (another process on the same file, a repair by hand).
+        sqlx::query("UPDATE threads SET last_seq = 10 WHERE thread_id = $1")
+            .bind(a.thread_id())
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let mut s = sessions.create_session_from_context(&a);
+        s.stage(event(3)).stage(event(4));
+        assert_eq!(s.commit().await.unwrap(), vec![11, 12]);
+        let last: i64 = sqlx::query_scalar("SELECT last_seq FROM threads WHERE thread_id = $1")
+            .bind(a.thread_id())
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(last, 12);
         close(store, dir).await;
     }
 
