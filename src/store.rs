@@ -9,8 +9,10 @@
 //! broker, in order, and answers each waiter. So an `ack` or a thread event never leaves before
 //! its commit (DESIGN-NOTES invariant 4), and per-thread `seq`s are assigned inside the
 //! transaction from `threads.last_seq` (PostgreSQL: `UPDATE .. RETURNING`, which serializes
-//! appends per thread across nodes sharing the database, invariant 5; SQLite: a read and an
-//! update inside the writer's `IMMEDIATE` transaction). If a batch fails, each session in it is
+//! appends per thread across nodes sharing the database, invariant 5; SQLite: inside the
+//! writer's `IMMEDIATE` transaction, a compare-and-set against the `last_seq` the writer
+//! remembers, reading the row only when it is not remembered or has moved). If a batch fails,
+//! each session in it is
 //! retried alone, so one bad session cannot fail others. Sessions can be gated on an earlier
 //! one ([`crate::session::Gate`]): a run's events are stored only if its user message is.
 //!
@@ -976,12 +978,17 @@ impl SeqCache {
             .map(|(_, last)| *last)
     }
 
+    fn forget(&mut self, thread_id: &str) {
+        self.threads.remove(thread_id);
+    }
+
     fn committed(&mut self, reserved: Vec<(&str, &str, i64)>) {
         if self.threads.len() + reserved.len() > Self::MAX {
             self.threads.clear();
         }
         for (thread, user, last) in reserved {
             match self.threads.get_mut(thread) {
+                Some(e) if e.0 == user => e.1 = last,
                 Some(e) => *e = (user.to_string(), last),
                 None => {
                     self.threads
@@ -1033,11 +1040,20 @@ fn sqlite_write_batch(
             }
             if base.is_none() {
                 let read: Option<i64> = read.query_row(params![t, u], |r| r.get(0)).optional()?;
-                if let Some(l) = read {
-                    let b = l.max(0);
-                    // Just read inside this IMMEDIATE transaction: the compare holds.
-                    bump.execute(params![b + n, now, t, u, l])?;
-                    base = Some(b);
+                match read {
+                    Some(l) => {
+                        let b = l.max(0);
+                        // Just read inside this IMMEDIATE transaction: the compare must hold,
+                        // or the seqs handed out below were never reserved.
+                        if bump.execute(params![b + n, now, t, u, l])? != 1 {
+                            return Err(StoreError::Database(
+                                "thread seq reservation changed no row".into(),
+                            ));
+                        }
+                        base = Some(b);
+                    }
+                    // Gone or owned by someone else: forget it (the session fails in `plan`).
+                    None => seqs.forget(t),
                 }
             }
             if let Some(b) = base {
