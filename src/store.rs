@@ -1538,7 +1538,7 @@ async fn write_batch(
     let mut next: NextSeqs<'_> = NextSeqs::with_capacity(wanted.len());
     for chunk in pow2_chunks(&wanted) {
         let sql = format!(
-            "UPDATE threads SET last_seq = last_seq + v.n, updated_at = {p1} FROM {} \
+            "UPDATE threads SET last_seq = GREATEST(threads.last_seq, 0) + v.n, updated_at = {p1} FROM {} \
              WHERE threads.thread_id = v.tid AND threads.user_id = v.uid RETURNING thread_id, user_id, last_seq",
             inline_table(ph, &[("tid", "TEXT"), ("uid", "TEXT"), ("n", "BIGINT")], chunk.len(), 2)
         );
@@ -1551,7 +1551,9 @@ async fn write_batch(
             let user: String = row.try_get(1)?;
             let last = u64_of(&row, 2)?;
             if let Some((t, u, n)) = chunk.iter().find(|(t, u, _)| *t == thread && *u == user) {
-                next.insert(t, (u, last + 1 - *n as u64));
+                // `last_seq` is at least `n` (a negative one edited by hand counts as 0, as
+                // on SQLite), so this cannot underflow.
+                next.insert(t, (u, (last + 1).saturating_sub(*n as u64).max(1)));
             }
         }
     }

@@ -48,3 +48,41 @@ async fn runs_resume_and_audit_work_on_postgres() {
     .await;
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_negative_last_seq_edited_by_hand_counts_as_zero_on_postgres() {
+    use sqlx::Connection as _;
+    let Some(url) = pg_url() else { return };
+    let node = tether::ids::connection_id();
+    let app = spawn_with(|c| {
+        c.database_url = Some(tether::config::Secret::new(url.clone()));
+        c.node_id = node.clone();
+    })
+    .await;
+    let (mut c, est) = app.connect("pg-bob").await;
+    let thread = est["data"]["thread_id"].as_str().unwrap().to_string();
+    sqlx::any::install_default_drivers();
+    let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
+    // The thread's row is written by the store's writer; wait for it, then break it by hand.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let moved = sqlx::query("UPDATE threads SET last_seq = -5 WHERE thread_id = $1")
+            .bind(&thread)
+            .execute(&mut db)
+            .await
+            .unwrap()
+            .rows_affected();
+        if moved == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "thread row never written"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let frames = chat(&mut c, "a", "hello again").await;
+    assert_eq!(seqs(&frames), vec![1, 2, 3, 4, 5, 6]);
+    c.close().await.unwrap();
+    app.shutdown().await;
+}
