@@ -160,7 +160,10 @@ const SCHEMA: &[&str] = &[
         created_at BIGINT NOT NULL,
         updated_at BIGINT NOT NULL,
         last_seq BIGINT NOT NULL DEFAULT 0)",
-    "CREATE INDEX IF NOT EXISTS threads_by_user ON threads (user_id, updated_at)",
+    // By owner only: `updated_at` changes with every commit to a thread, and in the index each
+    // change was a delete and an insert on the writer (lists sort a user's threads instead).
+    "DROP INDEX IF EXISTS threads_by_user",
+    "CREATE INDEX IF NOT EXISTS threads_of_user ON threads (user_id)",
     // A row holds the consecutive events of one thread committed in one batch (a run's events
     // usually commit together): their frames, newline-separated (compact JSON has no raw
     // newline), with `seq`, `kind` and `run_id` of the last one. One row and one index entry per
@@ -403,8 +406,22 @@ impl SqlStore {
             })
             .connect(&opts.url)
             .await?;
-        for ddl in SCHEMA {
-            pool.execute(*ddl).await?;
+        {
+            // One connection, and on PostgreSQL one node at a time: nodes starting together on
+            // a fresh or older database would otherwise race on `IF NOT EXISTS` DDL (PostgreSQL
+            // reports the loser as a duplicate key in its catalog). The lock is the session's
+            // and ends with the connection if anything below fails.
+            let mut conn = pool.acquire().await?;
+            if dialect == Dialect::Postgres {
+                conn.execute("SELECT pg_advisory_lock(7464657468)").await?;
+            }
+            for ddl in SCHEMA {
+                conn.execute(*ddl).await?;
+            }
+            if dialect == Dialect::Postgres {
+                conn.execute("SELECT pg_advisory_unlock(7464657468)")
+                    .await?;
+            }
         }
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let node_id: Arc<str> = opts.node_id.as_str().into();

@@ -86,3 +86,45 @@ async fn a_negative_last_seq_edited_by_hand_counts_as_zero_on_postgres() {
     c.close().await.unwrap();
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn nodes_starting_together_on_an_older_schema_all_start_on_postgres() {
+    use sqlx::Connection as _;
+    let Some(url) = pg_url() else { return };
+    let pg = |c: &mut tether::config::Config| {
+        c.database_url = Some(tether::config::Secret::new(url.clone()));
+        c.node_id = tether::ids::connection_id();
+    };
+    // The schema exists (a first node made it); then the older thread index is put back, under
+    // the lock the nodes take, so this does not race the other tests' nodes either.
+    spawn_with(pg).await.shutdown().await;
+    sqlx::any::install_default_drivers();
+    let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
+    for sql in [
+        "SELECT pg_advisory_lock(7464657468)",
+        "DROP INDEX IF EXISTS threads_of_user",
+        "CREATE INDEX IF NOT EXISTS threads_by_user ON threads (user_id, updated_at)",
+        "SELECT pg_advisory_unlock(7464657468)",
+    ] {
+        sqlx::query(sql).execute(&mut db).await.unwrap();
+    }
+    // Three nodes migrate it at once: every one starts (`spawn_with` panics otherwise).
+    let (a, b, c) = tokio::join!(spawn_with(pg), spawn_with(pg), spawn_with(pg));
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE tablename = 'threads' ORDER BY indexname",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert!(
+        indexes.contains(&"threads_of_user".to_string()),
+        "{indexes:?}"
+    );
+    assert!(
+        !indexes.contains(&"threads_by_user".to_string()),
+        "{indexes:?}"
+    );
+    for app in [a, b, c] {
+        app.shutdown().await;
+    }
+}
