@@ -12,12 +12,16 @@
 //! appends per thread across nodes sharing the database, invariant 5; SQLite: inside the
 //! writer's `IMMEDIATE` transaction, a compare-and-set against the `last_seq` the writer
 //! remembers, reading the row only when it is not remembered or has moved). If a batch fails,
-//! each session in it is
-//! retried alone, so one bad session cannot fail others. Sessions can be gated on an earlier
-//! one ([`crate::session::Gate`]): a run's events are stored only if its user message is.
+//! each session in it is retried alone, so one bad session cannot fail others. Sessions can be
+//! gated on an earlier one ([`crate::session::Gate`]): a run's events are stored only if its
+//! user message is.
 //!
 //! SQLite: the writer is a thread that owns the loop, WAL checkpoints run on a second thread,
 //! and a third publishes committed frames and answers waiters while the next batch is written.
+//! Event rows are LZ4-packed there ([`pack`]); PostgreSQL keeps them as text.
+//!
+//! The schema is created (and migrated) when the store opens, on one connection; on
+//! PostgreSQL under an advisory lock, so nodes starting together do not race on its DDL.
 //!
 //! Reads (history, thread lists, ownership checks) use the pool directly.
 
