@@ -18,7 +18,7 @@
 //!
 //! SQLite: the writer is a thread that owns the loop, WAL checkpoints run on a second thread,
 //! and a third publishes committed frames and answers waiters while the next batch is written.
-//! Event rows are LZ4-packed there ([`pack`]); PostgreSQL keeps them as text.
+//! Event rows are LZ4-packed there (`pack`); PostgreSQL keeps them as text.
 //!
 //! The schema is created (and migrated) when the store opens, on one connection; on
 //! PostgreSQL under an advisory lock, so nodes starting together do not race on its DDL.
