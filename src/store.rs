@@ -1756,6 +1756,33 @@ mod tests {
         (store, dir, sessions, c)
     }
 
+    /// Commit one session of the events `ns` (see [`event`]) on `c`'s thread; their seqs.
+    async fn commit_events(
+        sessions: &SessionFactory,
+        c: &UserExecutionContext,
+        ns: std::ops::Range<u64>,
+    ) -> Vec<u64> {
+        let mut s = sessions.create_session_from_context(c);
+        for n in ns {
+            s.stage(event(n));
+        }
+        s.commit().await.unwrap()
+    }
+
+    /// Write a `thread_events` row by hand, as an older binary or a damaged file left it.
+    async fn insert_row<'q, F>(store: &SqlStore, thread_id: &'q str, seq: i64, frame: F)
+    where
+        F: 'q + Send + sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any>,
+    {
+        sqlx::query("INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ($1, $2, 'x', NULL, 0, $3)")
+            .bind(thread_id)
+            .bind(seq)
+            .bind(frame)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+    }
+
     /// Submit one event as "bob" on `owner`'s thread (a forged ownership proof).
     async fn submit_as_intruder(
         sessions: &SessionFactory,
@@ -1854,18 +1881,12 @@ mod tests {
 
     #[tokio::test]
     async fn events_committed_together_share_a_row_and_read_back_one_by_one() {
-        let (store, dir) = store().await;
-        let sessions = SessionFactory::new(store.clone());
-        let a = ctx("alice");
-        let mut s = sessions.create_session_from_context(&a);
-        s.stage(Write::CreateThread);
-        for i in 0..5 {
-            s.stage(event(i));
-        }
-        assert_eq!(s.commit().await.unwrap(), vec![1, 2, 3, 4, 5]);
-        let mut s = sessions.create_session_from_context(&a);
-        s.stage(event(5)).stage(event(6));
-        assert_eq!(s.commit().await.unwrap(), vec![6, 7]);
+        let (store, dir, sessions, a) = store_with_thread("alice").await;
+        assert_eq!(
+            commit_events(&sessions, &a, 0..5).await,
+            vec![1, 2, 3, 4, 5]
+        );
+        assert_eq!(commit_events(&sessions, &a, 5..7).await, vec![6, 7]);
         let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM thread_events")
             .fetch_one(&store.pool)
             .await
@@ -1904,15 +1925,8 @@ mod tests {
 
     #[tokio::test]
     async fn sqlite_packs_frame_rows_and_still_reads_text_rows() {
-        let (store, dir) = store().await;
-        let sessions = SessionFactory::new(store.clone());
-        let a = ctx("alice");
-        let mut s = sessions.create_session_from_context(&a);
-        s.stage(Write::CreateThread);
-        for i in 0..6 {
-            s.stage(event(i));
-        }
-        s.commit().await.unwrap();
+        let (store, dir, sessions, a) = store_with_thread("alice").await;
+        commit_events(&sessions, &a, 0..6).await;
         let (kind, packed): (String, i64) =
             sqlx::query_as("SELECT typeof(frame), length(frame) FROM thread_events")
                 .fetch_one(&store.pool)
@@ -1927,12 +1941,7 @@ mod tests {
         );
         // A row written as text before packing (two frames, newline-separated) reads back.
         let legacy = ["{\"type\":\"x\",\"seq\":7}", "{\"type\":\"y\",\"seq\":8}"];
-        sqlx::query("INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ($1, 8, 'y', NULL, 0, $2)")
-            .bind(a.thread_id())
-            .bind(legacy.join("\n"))
-            .execute(&store.pool)
-            .await
-            .unwrap();
+        insert_row(&store, a.thread_id(), 8, legacy.join("\n")).await;
         let page = store.events_since(a.thread_id(), 6, 100).await.unwrap();
         assert_eq!(
             page.events,
@@ -1943,25 +1952,17 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_rereads_a_seq_that_moved_behind_its_back() {
-        let (store, dir) = store().await;
-        let sessions = SessionFactory::new(store.clone());
-        let a = ctx("alice");
-        let mut s = sessions.create_session_from_context(&a);
-        s.stage(Write::CreateThread).stage(event(0)).stage(event(1));
-        assert_eq!(s.commit().await.unwrap(), vec![1, 2]);
+        let (store, dir, sessions, a) = store_with_thread("alice").await;
+        assert_eq!(commit_events(&sessions, &a, 0..2).await, vec![1, 2]);
         // Remembered: the next batch does not read the row.
-        let mut s = sessions.create_session_from_context(&a);
-        s.stage(event(2));
-        assert_eq!(s.commit().await.unwrap(), vec![3]);
+        assert_eq!(commit_events(&sessions, &a, 2..3).await, vec![3]);
         // Moved by someone else (another process on the same file, a repair by hand).
         sqlx::query("UPDATE threads SET last_seq = 10 WHERE thread_id = $1")
             .bind(a.thread_id())
             .execute(&store.pool)
             .await
             .unwrap();
-        let mut s = sessions.create_session_from_context(&a);
-        s.stage(event(3)).stage(event(4));
-        assert_eq!(s.commit().await.unwrap(), vec![11, 12]);
+        assert_eq!(commit_events(&sessions, &a, 3..5).await, vec![11, 12]);
         let last: i64 = sqlx::query_scalar("SELECT last_seq FROM threads WHERE thread_id = $1")
             .bind(a.thread_id())
             .fetch_one(&store.pool)
@@ -1973,11 +1974,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_store_leaves_its_database_file_current() {
-        let (store, dir) = store().await;
-        let sessions = SessionFactory::new(store.clone());
-        let mut s = sessions.create_session_from_context(&ctx("alice"));
-        s.stage(Write::CreateThread).stage(event(0)).stage(event(1));
-        s.commit().await.unwrap();
+        let (store, dir, sessions, a) = store_with_thread("alice").await;
+        commit_events(&sessions, &a, 0..2).await;
         // Fewer commits than a checkpointer kick needs, and well within its idle wait.
         store.close().await;
         // The database file alone, as an operator might copy it without its `-wal` file.
@@ -2015,13 +2013,7 @@ mod tests {
                 .execute(&store.pool)
                 .await
                 .unwrap();
-            sqlx::query("INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ($1, $2, 'x', NULL, 0, $3)")
-                .bind(a.thread_id())
-                .bind(seq)
-                .bind(blob)
-                .execute(&store.pool)
-                .await
-                .unwrap();
+            insert_row(&store, a.thread_id(), seq, blob).await;
             let err = store.events_since(a.thread_id(), 0, 10).await.unwrap_err();
             let err = err.to_string();
             assert!(err.contains("corrupt thread_events row"), "{err}");
