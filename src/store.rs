@@ -20,7 +20,7 @@
 //! and a third publishes committed frames and answers waiters while the next batch is written.
 //! Event rows are LZ4-packed there (`pack`); PostgreSQL keeps them as text.
 //!
-//! The schema is created (and migrated) when the store opens, on one connection; on
+//! The schema is created (and migrated) when the store opens, in one transaction; on
 //! PostgreSQL under an advisory lock, so nodes starting together do not race on its DDL.
 //!
 //! Reads (history, thread lists, ownership checks) use the pool directly.
@@ -214,6 +214,9 @@ const SCHEMA: &[&str] = &[
         close_reason TEXT)",
     "CREATE INDEX IF NOT EXISTS connections_open ON connections (node_id) WHERE closed_at IS NULL",
 ];
+
+/// The PostgreSQL advisory lock key under which a node creates or migrates the schema.
+pub const SCHEMA_LOCK: i64 = 7_464_657_468;
 
 /// WAL pages after which the SQLite writer checkpoints inline (see `start_sqlite_writer`).
 const WAL_BACKSTOP_PAGES: i64 = 4096;
@@ -411,21 +414,19 @@ impl SqlStore {
             .connect(&opts.url)
             .await?;
         {
-            // One connection, and on PostgreSQL one node at a time: nodes starting together on
+            // One transaction, and on PostgreSQL one node at a time: nodes starting together on
             // a fresh or older database would otherwise race on `IF NOT EXISTS` DDL (PostgreSQL
-            // reports the loser as a duplicate key in its catalog). The lock is the session's
-            // and ends with the connection if anything below fails.
-            let mut conn = pool.acquire().await?;
+            // reports the loser as a duplicate key in its catalog). The lock is the
+            // transaction's: commit, rollback or a dropped connection releases it.
+            let mut tx = pool.begin().await?;
             if dialect == Dialect::Postgres {
-                conn.execute("SELECT pg_advisory_lock(7464657468)").await?;
-            }
-            for ddl in SCHEMA {
-                conn.execute(*ddl).await?;
-            }
-            if dialect == Dialect::Postgres {
-                conn.execute("SELECT pg_advisory_unlock(7464657468)")
+                tx.execute(format!("SELECT pg_advisory_xact_lock({SCHEMA_LOCK})").as_str())
                     .await?;
             }
+            for ddl in SCHEMA {
+                tx.execute(*ddl).await?;
+            }
+            tx.commit().await?;
         }
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let node_id: Arc<str> = opts.node_id.as_str().into();
@@ -1574,7 +1575,7 @@ async fn write_batch(
             if let Some((t, u, n)) = chunk.iter().find(|(t, u, _)| *t == thread && *u == user) {
                 // `last_seq` is at least `n` (a negative one edited by hand counts as 0, as
                 // on SQLite), so this cannot underflow.
-                next.insert(t, (u, (last + 1).saturating_sub(*n as u64).max(1)));
+                next.insert(t, (u, last + 1 - *n as u64));
             }
         }
     }

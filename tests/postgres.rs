@@ -11,25 +11,40 @@ fn pg_url() -> Option<String> {
     match std::env::var("TETHER_TEST_POSTGRES_URL") {
         Ok(u) if !u.is_empty() => Some(u),
         _ => {
-            // Written to the real stderr (not captured by the test harness), so it shows.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: PostgreSQL tests (set TETHER_TEST_POSTGRES_URL to run them)"
-            );
+            // Written to the real stderr (not captured by the test harness), so it shows; once
+            // for all the tests of this file.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED: PostgreSQL tests (set TETHER_TEST_POSTGRES_URL to run them)"
+                );
+            });
             None
         }
     }
 }
 
+/// A node on `url`, with a node id of its own.
+async fn spawn_on(url: &str) -> TestApp {
+    spawn_with(|c| {
+        c.database_url = Some(tether::config::Secret::new(url.to_string()));
+        c.node_id = tether::ids::connection_id();
+    })
+    .await
+}
+
+/// A direct connection, to look at or damage what the nodes wrote.
+async fn db(url: &str) -> sqlx::AnyConnection {
+    use sqlx::Connection as _;
+    sqlx::any::install_default_drivers();
+    sqlx::AnyConnection::connect(url).await.unwrap()
+}
+
 #[tokio::test]
 async fn runs_resume_and_audit_work_on_postgres() {
     let Some(url) = pg_url() else { return };
-    let node = tether::ids::connection_id();
-    let app = spawn_with(|c| {
-        c.database_url = Some(tether::config::Secret::new(url.clone()));
-        c.node_id = node.clone();
-    })
-    .await;
+    let app = spawn_on(&url).await;
     let (mut c, est) = app.connect("pg-alice").await;
     let thread = est["data"]["thread_id"].as_str().unwrap().to_string();
     let frames = chat(&mut c, "a", "hello postgres").await;
@@ -51,36 +66,18 @@ async fn runs_resume_and_audit_work_on_postgres() {
 
 #[tokio::test]
 async fn a_negative_last_seq_edited_by_hand_counts_as_zero_on_postgres() {
-    use sqlx::Connection as _;
     let Some(url) = pg_url() else { return };
-    let node = tether::ids::connection_id();
-    let app = spawn_with(|c| {
-        c.database_url = Some(tether::config::Secret::new(url.clone()));
-        c.node_id = node.clone();
-    })
-    .await;
+    let app = spawn_on(&url).await;
     let (mut c, est) = app.connect("pg-bob").await;
     let thread = est["data"]["thread_id"].as_str().unwrap().to_string();
-    sqlx::any::install_default_drivers();
-    let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
-    // The thread's row is written by the store's writer; wait for it, then break it by hand.
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let moved = sqlx::query("UPDATE threads SET last_seq = -5 WHERE thread_id = $1")
-            .bind(&thread)
-            .execute(&mut db)
-            .await
-            .unwrap()
-            .rows_affected();
-        if moved == 1 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "thread row never written"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    // The thread's row is committed before `connection_established`; break it by hand.
+    let moved = sqlx::query("UPDATE threads SET last_seq = -5 WHERE thread_id = $1")
+        .bind(&thread)
+        .execute(&mut db(&url).await)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(moved, 1);
     let frames = chat(&mut c, "a", "hello again").await;
     assert_eq!(seqs(&frames), vec![1, 2, 3, 4, 5, 6]);
     c.close().await.unwrap();
@@ -91,25 +88,24 @@ async fn a_negative_last_seq_edited_by_hand_counts_as_zero_on_postgres() {
 async fn nodes_starting_together_on_an_older_schema_all_start_on_postgres() {
     use sqlx::Connection as _;
     let Some(url) = pg_url() else { return };
-    let pg = |c: &mut tether::config::Config| {
-        c.database_url = Some(tether::config::Secret::new(url.clone()));
-        c.node_id = tether::ids::connection_id();
-    };
     // The schema exists (a first node made it); then the older thread index is put back, under
     // the lock the nodes take, so this does not race the other tests' nodes either.
-    spawn_with(pg).await.shutdown().await;
-    sqlx::any::install_default_drivers();
-    let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
+    spawn_on(&url).await.shutdown().await;
+    let mut db = db(&url).await;
+    let mut tx = db.begin().await.unwrap();
     for sql in [
-        "SELECT pg_advisory_lock(7464657468)",
-        "DROP INDEX IF EXISTS threads_of_user",
-        "CREATE INDEX IF NOT EXISTS threads_by_user ON threads (user_id, updated_at)",
-        "SELECT pg_advisory_unlock(7464657468)",
+        format!(
+            "SELECT pg_advisory_xact_lock({})",
+            tether::store::SCHEMA_LOCK
+        ),
+        "DROP INDEX IF EXISTS threads_of_user".into(),
+        "CREATE INDEX IF NOT EXISTS threads_by_user ON threads (user_id, updated_at)".into(),
     ] {
-        sqlx::query(sql).execute(&mut db).await.unwrap();
+        sqlx::query(&sql).execute(&mut *tx).await.unwrap();
     }
-    // Three nodes migrate it at once: every one starts (`spawn_with` panics otherwise).
-    let (a, b, c) = tokio::join!(spawn_with(pg), spawn_with(pg), spawn_with(pg));
+    tx.commit().await.unwrap();
+    // Three nodes migrate it at once: every one starts (`spawn_on` panics otherwise).
+    let (a, b, c) = tokio::join!(spawn_on(&url), spawn_on(&url), spawn_on(&url));
     let indexes: Vec<String> = sqlx::query_scalar(
         "SELECT indexname::text FROM pg_indexes WHERE tablename = 'threads' ORDER BY indexname",
     )
@@ -127,4 +123,32 @@ async fn nodes_starting_together_on_an_older_schema_all_start_on_postgres() {
     for app in [a, b, c] {
         app.shutdown().await;
     }
+}
+
+#[tokio::test]
+async fn nodes_starting_together_on_an_empty_database_all_start_on_postgres() {
+    let Some(url) = pg_url() else { return };
+    // A database of its own, empty: the nodes create every table and index at once. A fixed
+    // name, dropped first, so a run that failed half-way leaves nothing behind for long.
+    let name = "tether_test_fresh";
+    let mut admin = db(&url).await;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let (base, rest) = url.rsplit_once('/').unwrap();
+    let query = rest.find('?').map_or("", |i| &rest[i..]);
+    let fresh = format!("{base}/{name}{query}");
+    let (a, b, c) = tokio::join!(spawn_on(&fresh), spawn_on(&fresh), spawn_on(&fresh));
+    for app in [a, b, c] {
+        app.shutdown().await;
+    }
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
 }
