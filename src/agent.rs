@@ -142,7 +142,7 @@ impl EventSink {
         })
     }
 
-    fn stage(&self, writes: Vec<Write>) {
+    fn stage(&self, writes: impl IntoIterator<Item = Write>) {
         // Never held across an await; a panic elsewhere cannot leave the Vec inconsistent.
         let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
         staged.extend(writes);
@@ -151,7 +151,7 @@ impl EventSink {
     /// `agent_thinking`.
     pub async fn thinking(&mut self, thought: &str) -> Result<(), AgentError> {
         let w = self.event("agent_thinking", json!({ "thought": thought }));
-        self.stage(vec![w]);
+        self.stage([w]);
         Ok(())
     }
 
@@ -162,7 +162,7 @@ impl EventSink {
             "tool_executing",
             json!({ "tool": tool, "input": input, "tool_call_id": call }),
         );
-        self.stage(vec![w]);
+        self.stage([w]);
         Ok(call)
     }
 
@@ -178,7 +178,7 @@ impl EventSink {
             "tool_completed",
             json!({ "tool": tool, "output": output, "duration_ms": duration.as_millis() as u64, "tool_call_id": tool_call_id }),
         );
-        self.stage(vec![w]);
+        self.stage([w]);
         Ok(())
     }
 
@@ -195,7 +195,7 @@ impl EventSink {
             &json!({ "message_id": self.reply_message_id, "offset": self.delta_offset, "delta": delta }),
         );
         self.delta_offset += delta.chars().count();
-        self.stage(vec![Write::Transient { text }]);
+        self.stage([Write::Transient { text }]);
         Ok(())
     }
 }
@@ -280,7 +280,7 @@ pub async fn drive_run(
             after: input.after.clone(),
             receipts: Vec::new(),
         };
-        sink.stage(vec![sink.event("agent_started", json!({ "agent": agent.name(), "run_id": ctx.run_id() }))]);
+        sink.stage([sink.event("agent_started", json!({ "agent": agent.name(), "run_id": ctx.run_id() }))]);
         // Only the agent's own work is cancelled or timed out: a flush always runs to its end
         // (it waits at most for room in the writer's queue), so nothing staged is lost.
         let deadline = tokio::time::sleep(timeout);
