@@ -1,6 +1,10 @@
 //! The gateway: HTTP routes, the WebSocket accept path and the connection task.
 //!
-//! Accept path (`GET /ws`): draining and per-IP rate checks, `since` validation,
+//! Every request: a head over [`MAX_HEAD_BYTES`] gets 431; every refusal is an [`ApiError`]
+//! (JSON body), 405 and 404 included.
+//!
+//! Accept path (`GET /ws`): the handshake itself (RFC 6455), draining and per-IP rate checks,
+//! `since` validation,
 //! authentication (header, `jwt.` subprotocol, `?token=`, `?ticket=`, first present decides),
 //! thread ownership (403 before the upgrade), upgrade. Then, in the connection task:
 //! [`UserExecutionContext::from_websocket_request`] (the only place a connection's ids are
@@ -21,9 +25,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -294,6 +300,54 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Largest request head accepted (request line and header lines, counted as `name: value`
+/// lines); a larger one gets 431. The HTTP parser's buffer is this size too (see
+/// `server::accept_loop`), but how much it takes in depends on how the client's bytes arrive,
+/// so the exact limit is checked here, on the parsed head.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// The size of a request's head as it would be written on the wire, with single spaces.
+fn head_bytes(req: &Request) -> usize {
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.scheme_str().map_or(0, |s| s.len() + "://".len());
+    let line = req.method().as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + ": ".len() + v.len() + "\r\n".len())
+        .sum();
+    line + headers + "\r\n".len()
+}
+
+/// Refuses a request whose head is over [`MAX_HEAD_BYTES`], before any handler sees it.
+async fn limit_head(req: Request, next: Next) -> Response {
+    if head_bytes(&req) > MAX_HEAD_BYTES {
+        metrics().handshake_rejected(Rejection::InvalidRequest);
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "invalid_request",
+            format!("request head over {MAX_HEAD_BYTES} bytes"),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// A route that exists, with a method it does not take (axum adds the `Allow` header).
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed",
+    )
+}
+
+async fn no_route() -> ApiError {
+    ApiError::not_found()
+}
+
 const DASHBOARD_HTML: &str = include_str!("../assets/dashboard.html");
 const CHAT_HTML: &str = include_str!("../assets/chat.html");
 
@@ -313,6 +367,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/users/{user_id}/connections", delete(disconnect_user))
         .route("/api/stats", get(stats))
         .route("/api/dev/token", post(dev_token))
+        // After every route: it applies to the routes already added.
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(no_route)
+        .layer(axum::middleware::from_fn(limit_head))
         .with_state(state)
 }
 
@@ -407,14 +465,57 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
         .map_err(|e| ApiError::invalid(e.body_text()))
 }
 
+/// Digits only: `u64`'s parser would also take `+5`, which is not how a `seq` is written.
 fn parse_since(since: Option<&str>) -> Result<Option<u64>, ApiError> {
     match since {
         None => Ok(None),
         Some(s) => s
-            .parse::<u64>()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
             .map(Some)
-            .map_err(|_| ApiError::invalid("since must be a non-negative integer")),
+            .ok_or_else(|| ApiError::invalid("since must be a non-negative integer")),
     }
+}
+
+/// A WebSocket handshake that is not one (RFC 6455 §4.2.1), as a JSON refusal like every other
+/// one before the upgrade: 426 with the version this server speaks for a wrong
+/// `Sec-WebSocket-Version` or a connection that cannot be upgraded (HTTP/1.0), 400 otherwise.
+fn handshake_refusal(
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    headers: &HeaderMap,
+) -> Result<WebSocketUpgrade, ApiError> {
+    use base64::Engine as _;
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(
+            e @ (WebSocketUpgradeRejection::InvalidWebSocketVersionHeader(_)
+            | WebSocketUpgradeRejection::ConnectionNotUpgradable(_)),
+        ) => {
+            return Err(ApiError::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "invalid_request",
+                e.body_text(),
+            ))
+        }
+        Err(e) => return Err(ApiError::invalid(e.body_text())),
+    };
+    // axum only checks that the key is present; the RFC asks for 16 bytes in base64.
+    let key_ok = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|k| {
+            base64::engine::general_purpose::STANDARD
+                .decode(k.as_bytes())
+                .ok()
+        })
+        .is_some_and(|k| k.len() == 16);
+    if !key_ok {
+        return Err(ApiError::invalid(
+            "Sec-WebSocket-Key must be 16 bytes in base64",
+        ));
+    }
+    Ok(ws)
 }
 
 async fn list_threads(
@@ -598,8 +699,23 @@ async fn ws_handler(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     q: Result<Query<WsQuery>, QueryRejection>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let ws = match handshake_refusal(ws, &headers) {
+        Ok(ws) => ws,
+        Err(e) => {
+            let upgrade_required = e.status == StatusCode::UPGRADE_REQUIRED;
+            let mut refused = reject(Rejection::InvalidRequest, e);
+            if upgrade_required {
+                // The version this server speaks (RFC 6455 §4.4).
+                refused.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            return refused;
+        }
+    };
     if st.is_draining() {
         return reject(
             Rejection::Draining,

@@ -172,9 +172,6 @@ impl Server {
     }
 }
 
-/// Largest request head; more gets 431.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
-
 /// Accept TCP connections and serve HTTP/1.1 on each (WebSocket upgrades included) until
 /// `stop`, then let in-flight requests finish. Unlike `axum::serve`, this bounds how long a
 /// request head may take and how large it may be, so half-open handshakes cannot pile up.
@@ -192,7 +189,7 @@ async fn accept_loop(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .max_buf_size(MAX_HEAD_BYTES);
+        .max_buf_size(crate::gateway::MAX_HEAD_BYTES);
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,

@@ -16,8 +16,13 @@
 //!   unsolicited Pongs are ignored and not counted;
 //! - a client close frame with a code that may not be sent (1005, 1006, 1015, reserved or out of
 //!   range) or a one-byte body is answered with 1002; a close reason that is not UTF-8 with 1007;
-//! - an HTTP request head over hyper's buffer (about 400 KiB) or with more than 100 headers gets
-//!   431 before it reaches the application;
+//! - a request head over 64 KiB (its request line and `name: value` lines) gets 431, however its
+//!   bytes arrive; with the JSON body when the HTTP parser took it in, without one when it
+//!   overflowed the parser's buffer first (or had more than 100 headers); a request target
+//!   that long may get 414 from the parser instead;
+//! - a request to `/ws` that is not a WebSocket handshake (RFC 6455 §4.2.1) gets a JSON
+//!   refusal: 426 with `Sec-WebSocket-Version: 13` for another version, 400 otherwise (a key
+//!   that is not 16 bytes in base64 included); another method 405, an unknown path 404;
 //! - a query string the extractor refuses (a repeated parameter) gets 400 `invalid_request` with
 //!   the JSON body; an events path that does not decode gets 403 `forbidden_thread`;
 //! - after a close it initiates, the server keeps the socket up to a second (reading and dropping
@@ -787,11 +792,190 @@ async fn huge_request_headers_get_431_and_others_are_unaffected() {
     ] {
         let status = http_exchange(&s.app, req).await;
         let status = status.unwrap_or_else(|| panic!("{what}: closed without an answer"));
-        // hyper refuses a request head over its buffer (64 KiB, set in server.rs) or with more
-        // than 100 headers before any of it reaches the application.
+        // Over 64 KiB: hyper refuses a head that overflows its buffer (64 KiB too) or has more
+        // than 100 headers before any of it reaches the application; the gateway refuses one
+        // the parser took in (`gateway::MAX_HEAD_BYTES`).
         assert!(status.starts_with("HTTP/1.1 431"), "{what}: {status}");
         ping_pong(&mut s.bob, what).await;
     }
+    s.others_unaffected().await;
+}
+
+/// Send `request` in pieces of `piece` bytes (ignoring write errors, as [`http_exchange`]) and
+/// return the answer's head and its body (up to its `content-length`, or EOF).
+async fn http_answer(app: &TestApp, request: Vec<u8>, piece: usize) -> (String, Vec<u8>) {
+    let io = TcpStream::connect(app.addr).await.unwrap();
+    let (mut rd, mut wr) = io.into_split();
+    let writer = tokio::spawn(async move {
+        for chunk in request.chunks(piece) {
+            if wr.write_all(chunk).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    let (head, mut body) = read_head(&mut rd).await.expect("an answer");
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(usize::MAX);
+    if head.starts_with("HTTP/1.1 101") {
+        // Upgraded: what follows is WebSocket frames, not a body.
+        let _ = timeout(T, writer).await;
+        return (head, body);
+    }
+    let deadline = Instant::now() + T;
+    let mut chunk = [0u8; 4096];
+    while body.len() < length {
+        match timeout_at(deadline, rd.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => body.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    let _ = timeout(T, writer).await;
+    (head, body)
+}
+
+/// The status code and the JSON error code of an answer.
+fn refusal(head: &str, body: &[u8]) -> (u16, String) {
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body: Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("a JSON body ({e}): {:?}", String::from_utf8_lossy(body)));
+    (
+        status,
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+#[tokio::test]
+async fn request_heads_over_64_kib_get_431_with_a_json_body_however_they_arrive() {
+    const LIMIT: usize = 64 * 1024;
+    let mut s = scene().await;
+    let token = s.app.token("mallory");
+    let base = upgrade_request(&s.app, &format!("token={token}"));
+    let (start, end) = base.split_at(base.len() - 2);
+    // A head of exactly `len` bytes: the upgrade request with one padding header.
+    let head_of = |len: usize| {
+        let fixed = start.len() + "X-Pad: \r\n".len() + end.len();
+        let mut req = start.as_bytes().to_vec();
+        req.extend(b"X-Pad: ");
+        req.extend(vec![b'a'; len - fixed]);
+        req.extend(b"\r\n");
+        req.extend(end.as_bytes());
+        assert_eq!(req.len(), len);
+        req
+    };
+    // The parser takes a head in as it arrives: in one write it let heads far over its buffer
+    // through, in small pieces it refused them a few KiB over. The limit is exact either way.
+    for piece in [usize::MAX, 4096, 1000] {
+        let (head, _) = http_answer(&s.app, head_of(LIMIT), piece).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{piece}: {head}");
+        let (head, body) = http_answer(&s.app, head_of(LIMIT + 1), piece).await;
+        assert_eq!(
+            refusal(&head, &body),
+            (431, "invalid_request".to_string()),
+            "{piece}: {head}"
+        );
+    }
+    // Far over: refused whichever layer sees it first (the parser's own 431 has no body).
+    for piece in [usize::MAX, 4096] {
+        let (head, _) = http_answer(&s.app, head_of(100 * 1024), piece).await;
+        assert!(head.starts_with("HTTP/1.1 431"), "{piece}: {head}");
+    }
+    ping_pong(&mut s.bob, "after the heads").await;
+    s.others_unaffected().await;
+}
+
+#[tokio::test]
+async fn requests_that_are_not_websocket_handshakes_get_json_refusals() {
+    let mut s = scene().await;
+    let token = s.app.token("mallory");
+    let good = upgrade_request(&s.app, &format!("token={token}"));
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let version = "Sec-WebSocket-Version: 13\r\n";
+    let cases = [
+        ("no key", good.replace(key, ""), 400, "invalid_request"),
+        (
+            "a key that is not base64",
+            good.replace(key, "Sec-WebSocket-Key: abc\r\n"),
+            400,
+            "invalid_request",
+        ),
+        (
+            "a key of 32 bytes",
+            good.replace(
+                key,
+                "Sec-WebSocket-Key: a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2s=\r\n",
+            ),
+            400,
+            "invalid_request",
+        ),
+        (
+            "no version",
+            good.replace(version, ""),
+            426,
+            "invalid_request",
+        ),
+        (
+            "version 8",
+            good.replace(version, "Sec-WebSocket-Version: 8\r\n"),
+            426,
+            "invalid_request",
+        ),
+        (
+            "no upgrade headers",
+            good.replace("Upgrade: websocket\r\nConnection: Upgrade\r\n", ""),
+            400,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            good.replacen("GET", "POST", 1)
+                .replace("\r\n\r\n", "\r\nContent-Length: 0\r\n\r\n"),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            "an unknown path",
+            good.replacen("/ws?", "/nowhere?", 1),
+            404,
+            "not_found",
+        ),
+    ];
+    for (what, req, status, code) in cases {
+        assert_ne!(req, good, "{what}: the case changes the request");
+        let (head, body) = http_answer(&s.app, req.into_bytes(), usize::MAX).await;
+        assert_eq!(
+            refusal(&head, &body),
+            (status, code.to_string()),
+            "{what}: {head}"
+        );
+        let lower = head.to_ascii_lowercase();
+        if status == 426 {
+            assert!(
+                lower.contains("\r\nsec-websocket-version: 13"),
+                "{what}: {head}"
+            );
+        }
+        if status == 405 {
+            assert!(lower.contains("\r\nallow: get"), "{what}: {head}");
+        }
+    }
+    // The unchanged request is upgraded.
+    let (head, _) = http_answer(&s.app, good.into_bytes(), usize::MAX).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    ping_pong(&mut s.bob, "after the handshakes").await;
     s.others_unaffected().await;
 }
 
@@ -1170,6 +1354,8 @@ async fn repeated_and_malformed_query_parameters_get_a_json_error_not_a_crash() 
         format!("token={token}&token={token}"),
         format!("token={token}&thread_id=a&thread_id=b"),
         format!("token={token}&since=1&since=2"),
+        // `u64`'s parser takes a leading `+`; a `seq` is digits only.
+        format!("token={token}&since=%2B5"),
     ] {
         let (status, body) = refused(
             &s.app,
