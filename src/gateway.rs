@@ -296,7 +296,16 @@ impl From<crate::store::StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
-        (self.status, body).into_response()
+        let mut r = (self.status, body).into_response();
+        if self.status == StatusCode::UPGRADE_REQUIRED {
+            // The only upgrade this server offers is WebSocket: a 426 names the version it
+            // speaks (RFC 6455 §4.4).
+            r.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        r
     }
 }
 
@@ -467,20 +476,15 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 
 /// Digits only: `u64`'s parser would also take `+5`, which is not how a `seq` is written.
 fn parse_since(since: Option<&str>) -> Result<Option<u64>, ApiError> {
-    match since {
-        None => Ok(None),
-        Some(s) => s
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-            .then(|| s.parse::<u64>().ok())
-            .flatten()
-            .map(Some)
-            .ok_or_else(|| ApiError::invalid("since must be a non-negative integer")),
+    let Some(s) = since else { return Ok(None) };
+    match s.parse::<u64>() {
+        Ok(n) if s.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(n)),
+        _ => Err(ApiError::invalid("since must be a non-negative integer")),
     }
 }
 
 /// A WebSocket handshake that is not one (RFC 6455 §4.2.1), as a JSON refusal like every other
-/// one before the upgrade: 426 with the version this server speaks for a wrong
+/// one before the upgrade: 426 (which names the version this server speaks) for a wrong
 /// `Sec-WebSocket-Version` or a connection that cannot be upgraded (HTTP/1.0), 400 otherwise.
 fn handshake_refusal(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -703,18 +707,7 @@ async fn ws_handler(
 ) -> Response {
     let ws = match handshake_refusal(ws, &headers) {
         Ok(ws) => ws,
-        Err(e) => {
-            let upgrade_required = e.status == StatusCode::UPGRADE_REQUIRED;
-            let mut refused = reject(Rejection::InvalidRequest, e);
-            if upgrade_required {
-                // The version this server speaks (RFC 6455 §4.4).
-                refused.headers_mut().insert(
-                    header::SEC_WEBSOCKET_VERSION,
-                    HeaderValue::from_static("13"),
-                );
-            }
-            return refused;
-        }
+        Err(e) => return reject(Rejection::InvalidRequest, e),
     };
     if st.is_draining() {
         return reject(

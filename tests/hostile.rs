@@ -745,20 +745,6 @@ async fn huge_numbers_get_error_frames_and_the_connection_stays_open() {
 // ---------------------------------------------------------------------------------------------
 // HTTP.
 
-/// Send `request` (ignoring write errors: the server may answer and close before it has read
-/// everything) and return the status line of the answer, or `None` if it closed without one.
-async fn http_exchange(app: &TestApp, request: Vec<u8>) -> Option<String> {
-    let io = TcpStream::connect(app.addr).await.unwrap();
-    let (mut rd, mut wr) = io.into_split();
-    let writer = tokio::spawn(async move {
-        let _ = wr.write_all(&request).await;
-        wr
-    });
-    let head = read_head(&mut rd).await.map(|(h, _)| h);
-    let _ = timeout(T, writer).await;
-    head.map(|h| h.lines().next().unwrap_or_default().to_string())
-}
-
 #[tokio::test]
 async fn huge_request_headers_get_431_and_others_are_unaffected() {
     let mut s = scene().await;
@@ -790,8 +776,9 @@ async fn huge_request_headers_get_431_and_others_are_unaffected() {
         ("many headers", many),
         ("a huge URL", long_url),
     ] {
-        let status = http_exchange(&s.app, req).await;
-        let status = status.unwrap_or_else(|| panic!("{what}: closed without an answer"));
+        let (status, _) = http_answer(&s.app, req, usize::MAX)
+            .await
+            .unwrap_or_else(|| panic!("{what}: closed without an answer"));
         // Over 64 KiB: hyper refuses a head that overflows its buffer (64 KiB too) or has more
         // than 100 headers before any of it reaches the application; the gateway refuses one
         // the parser took in (`gateway::MAX_HEAD_BYTES`).
@@ -801,9 +788,10 @@ async fn huge_request_headers_get_431_and_others_are_unaffected() {
     s.others_unaffected().await;
 }
 
-/// Send `request` in pieces of `piece` bytes (ignoring write errors, as [`http_exchange`]) and
-/// return the answer's head and its body (up to its `content-length`, or EOF).
-async fn http_answer(app: &TestApp, request: Vec<u8>, piece: usize) -> (String, Vec<u8>) {
+/// Send `request` in pieces of `piece` bytes (ignoring write errors: the server may answer and
+/// close before it has read everything) and return the answer's head and its body (up to its
+/// `content-length`, or EOF); `None` if the server closed without an answer.
+async fn http_answer(app: &TestApp, request: Vec<u8>, piece: usize) -> Option<(String, Vec<u8>)> {
     let io = TcpStream::connect(app.addr).await.unwrap();
     let (mut rd, mut wr) = io.into_split();
     let writer = tokio::spawn(async move {
@@ -814,30 +802,32 @@ async fn http_answer(app: &TestApp, request: Vec<u8>, piece: usize) -> (String, 
         }
         wr
     });
-    let (head, mut body) = read_head(&mut rd).await.expect("an answer");
-    let length = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse::<usize>().ok())?
-        })
-        .unwrap_or(usize::MAX);
-    if head.starts_with("HTTP/1.1 101") {
+    let answer = read_head(&mut rd).await;
+    let answer = match answer {
         // Upgraded: what follows is WebSocket frames, not a body.
-        let _ = timeout(T, writer).await;
-        return (head, body);
-    }
-    let deadline = Instant::now() + T;
-    let mut chunk = [0u8; 4096];
-    while body.len() < length {
-        match timeout_at(deadline, rd.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => body.extend_from_slice(&chunk[..n]),
-            _ => break,
+        Some((head, mut body)) if !head.starts_with("HTTP/1.1 101") => {
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(usize::MAX);
+            let deadline = Instant::now() + T;
+            let mut chunk = [0u8; 4096];
+            while body.len() < length {
+                match timeout_at(deadline, rd.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 => body.extend_from_slice(&chunk[..n]),
+                    _ => break,
+                }
+            }
+            Some((head, body))
         }
-    }
+        other => other,
+    };
     let _ = timeout(T, writer).await;
-    (head, body)
+    answer
 }
 
 /// The status code and the JSON error code of an answer.
@@ -879,9 +869,11 @@ async fn request_heads_over_64_kib_get_431_with_a_json_body_however_they_arrive(
     // The parser takes a head in as it arrives: in one write it let heads far over its buffer
     // through, in small pieces it refused them a few KiB over. The limit is exact either way.
     for piece in [usize::MAX, 4096, 1000] {
-        let (head, _) = http_answer(&s.app, head_of(LIMIT), piece).await;
+        let (head, _) = http_answer(&s.app, head_of(LIMIT), piece).await.unwrap();
         assert!(head.starts_with("HTTP/1.1 101"), "{piece}: {head}");
-        let (head, body) = http_answer(&s.app, head_of(LIMIT + 1), piece).await;
+        let (head, body) = http_answer(&s.app, head_of(LIMIT + 1), piece)
+            .await
+            .unwrap();
         assert_eq!(
             refusal(&head, &body),
             (431, "invalid_request".to_string()),
@@ -890,7 +882,9 @@ async fn request_heads_over_64_kib_get_431_with_a_json_body_however_they_arrive(
     }
     // Far over: refused whichever layer sees it first (the parser's own 431 has no body).
     for piece in [usize::MAX, 4096] {
-        let (head, _) = http_answer(&s.app, head_of(100 * 1024), piece).await;
+        let (head, _) = http_answer(&s.app, head_of(100 * 1024), piece)
+            .await
+            .unwrap();
         assert!(head.starts_with("HTTP/1.1 431"), "{piece}: {head}");
     }
     ping_pong(&mut s.bob, "after the heads").await;
@@ -955,7 +949,9 @@ async fn requests_that_are_not_websocket_handshakes_get_json_refusals() {
     ];
     for (what, req, status, code) in cases {
         assert_ne!(req, good, "{what}: the case changes the request");
-        let (head, body) = http_answer(&s.app, req.into_bytes(), usize::MAX).await;
+        let (head, body) = http_answer(&s.app, req.into_bytes(), usize::MAX)
+            .await
+            .unwrap();
         assert_eq!(
             refusal(&head, &body),
             (status, code.to_string()),
@@ -973,7 +969,9 @@ async fn requests_that_are_not_websocket_handshakes_get_json_refusals() {
         }
     }
     // The unchanged request is upgraded.
-    let (head, _) = http_answer(&s.app, good.into_bytes(), usize::MAX).await;
+    let (head, _) = http_answer(&s.app, good.into_bytes(), usize::MAX)
+        .await
+        .unwrap();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     ping_pong(&mut s.bob, "after the handshakes").await;
     s.others_unaffected().await;
