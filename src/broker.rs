@@ -14,6 +14,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::context::{IsolationKey, UserExecutionContext};
+use crate::protocol::CloseReason;
 use crate::registry::{OutFrame, Registry};
 
 /// One committed frame on its way to a manager's connections.
@@ -58,8 +59,8 @@ pub trait Broker: Send + Sync + 'static {
         frame: OutFrame,
     ) -> usize;
 
-    /// Close all connections of a user on every node.
-    async fn disconnect_user(&self, user_id: &str, code: u16, reason: &str) -> usize;
+    /// Close all connections of a user on every node, with `reason`.
+    async fn disconnect_user(&self, user_id: &str, reason: CloseReason) -> usize;
 
     /// Whether the broker answers.
     async fn ping(&self) -> bool;
@@ -96,8 +97,8 @@ impl Broker for LocalBroker {
         self.registry.deliver_to_user(user_id, thread_id, &frame)
     }
 
-    async fn disconnect_user(&self, user_id: &str, code: u16, reason: &str) -> usize {
-        self.registry.close_user(user_id, code, reason)
+    async fn disconnect_user(&self, user_id: &str, reason: CloseReason) -> usize {
+        self.registry.close_user(user_id, &reason)
     }
 
     async fn ping(&self) -> bool {

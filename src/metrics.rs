@@ -7,9 +7,12 @@
 //! Gauges that the registry or the store already know (connections active, managers, sessions
 //! open) are read from them at render time by the caller, not duplicated here.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
+
+use crate::protocol::CloseCode;
 
 /// A monotonically increasing counter.
 #[derive(Default)]
@@ -101,24 +104,33 @@ impl Histogram {
         Some(lower)
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    /// The `_bucket`, `_sum` and `_count` lines, with `labels` (`k="v"`, or empty) before `le`.
+    fn write_series(&self, out: &mut String, name: &str, labels: &str) {
+        let (open, sep) = if labels.is_empty() {
+            ("", "")
+        } else {
+            (labels, ",")
+        };
         let mut cumulative = 0;
         for (i, b) in self.buckets.iter().enumerate() {
             cumulative += b.load(Relaxed);
             let _ = writeln!(
                 out,
-                "{name}_bucket{{le=\"{}\"}} {cumulative}",
+                "{name}_bucket{{{open}{sep}le=\"{}\"}} {cumulative}",
                 self.bounds[i]
             );
         }
         let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}\n{name}_count {count}",
-            self.sum_us.load(Relaxed) as f64 / 1e6
-        );
+        let _ = writeln!(out, "{name}_bucket{{{open}{sep}le=\"+Inf\"}} {count}");
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+        } else {
+            let _ = writeln!(
+                out,
+                "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {count}"
+            );
+        }
     }
 }
 
@@ -171,50 +183,6 @@ closed_enum!(
         Cancelled => "cancelled",
     }
 );
-
-closed_enum!(
-    /// Close codes (PROTOCOL.md section 7), plus `1006` for connections that ended without a
-    /// close handshake (reset, stalled peer).
-    CloseLabel {
-        Normal => "1000",
-        GoingAway => "1001",
-        Protocol => "1002",
-        Unsupported => "1003",
-        Abnormal => "1006",
-        InvalidPayload => "1007",
-        Policy => "1008",
-        TooBig => "1009",
-        Internal => "1011",
-        Overloaded => "1013",
-        Heartbeat => "4000",
-        UserLimit => "4008",
-        SlowConsumer => "4009",
-        RateLimited => "4029",
-        Other => "other",
-    }
-);
-
-impl CloseLabel {
-    pub fn from_code(code: u16) -> Self {
-        match code {
-            1000 => Self::Normal,
-            1001 => Self::GoingAway,
-            1002 => Self::Protocol,
-            1003 => Self::Unsupported,
-            1006 => Self::Abnormal,
-            1007 => Self::InvalidPayload,
-            1008 => Self::Policy,
-            1009 => Self::TooBig,
-            1011 => Self::Internal,
-            1013 => Self::Overloaded,
-            4000 => Self::Heartbeat,
-            4008 => Self::UserLimit,
-            4009 => Self::SlowConsumer,
-            4029 => Self::RateLimited,
-            _ => Self::Other,
-        }
-    }
-}
 
 closed_enum!(
     /// Where a thread id mismatch was seen.
@@ -299,7 +267,10 @@ impl Metrics {
             cleanups_completed: Counter::default(),
             emergency_cleanups: Counter::default(),
             connections_opened: Counter::default(),
-            connections_closed: counters(CloseLabel::ALL),
+            // One per code of the close-code table, and `other` last.
+            connections_closed: (0..=CloseCode::ALL.len())
+                .map(|_| Counter::default())
+                .collect(),
             limit_rejections: counters(LimitKind::ALL),
             handshake_rejections: counters(Rejection::ALL),
             messages_in: counters(InKind::ALL),
@@ -330,8 +301,14 @@ impl Metrics {
     pub fn thread_mismatch_total(&self) -> u64 {
         self.thread_mismatches.iter().map(Counter::get).sum()
     }
+    /// A connection ended with `code` (sent, received from the peer, or recorded: 1006).
     pub fn connection_closed(&self, code: u16) {
-        self.connections_closed[CloseLabel::from_code(code).index()].inc();
+        let other = CloseCode::ALL.len();
+        let idx = CloseCode::from_u16(code)
+            .filter(|c| c.has_series())
+            .and_then(|c| CloseCode::ALL.iter().position(|x| *x == c))
+            .unwrap_or(other);
+        self.connections_closed[idx].inc();
     }
     pub fn limit_rejection(&self, kind: LimitKind) {
         self.limit_rejections[kind.index()].inc();
@@ -367,261 +344,127 @@ impl Metrics {
         &self.store_latency[op.index()]
     }
 
-    /// Render every metric, plus the live gauges the caller reads from the registry and store.
+    /// Render every metric, plus the live gauges the caller reads from the registry and store,
+    /// in the Prometheus text format: one [`Family`] row per metric, in this order.
     pub fn render(&self, live: &LiveGauges) -> String {
+        use Sample::{Counter as C, Counters, Gauge as G, Histogram as H, Histograms};
+        let families = [
+            Family("tether_thread_mismatches_total", "Frames whose thread_id did not match their connection's context, and cleanups that found no entry for their key.",
+                Counters("source", by(MismatchSource::ALL, &self.thread_mismatches, MismatchSource::label))),
+            Family("tether_manager_cleanups_attempted_total", "Manager cleanups attempted (last guard of a manager dropped).", C(self.cleanups_attempted.get())),
+            Family("tether_manager_cleanups_completed_total", "Manager cleanups that found and removed their manager.", C(self.cleanups_completed.get())),
+            Family("tether_emergency_cleanups_total", "Registry entries the backstop reaper had to remove (expected 0).", C(self.emergency_cleanups.get())),
+            Family("tether_managers_active", "Isolated managers (user, thread) alive.", G(live.managers as f64)),
+            Family("tether_users_with_managers", "Users with at least one manager.", G(live.users as f64)),
+            Family("tether_managers_per_user_avg", "Average managers per user with managers.", G(live.managers_per_user_avg)),
+            Family("tether_managers_per_user_max", "Largest number of managers one user holds.", G(live.managers_per_user_max as f64)),
+            Family("tether_connections_active", "WebSocket connections registered now.", G(live.connections as f64)),
+            Family("tether_connections_opened_total", "WebSocket connections accepted and registered.", C(self.connections_opened.get())),
+            Family("tether_connections_closed_total", "WebSocket connections closed, by close code (1006: no close handshake).",
+                Counters("code", self.closes_by_code())),
+            Family("tether_limit_rejections_total", "Connections refused with 4008 by a per-user limit.",
+                Counters("limit", by(LimitKind::ALL, &self.limit_rejections, LimitKind::label))),
+            Family("tether_handshake_rejections_total", "Upgrade requests refused before the upgrade.",
+                Counters("reason", by(Rejection::ALL, &self.handshake_rejections, Rejection::label))),
+            Family("tether_messages_in_total", "Client frames received, by type.",
+                Counters("type", by(InKind::ALL, &self.messages_in, InKind::label))),
+            Family("tether_messages_out_total", "Server frames queued, by type.",
+                Counters("type", by(OutKind::ALL, &self.messages_out, OutKind::label))),
+            Family("tether_runs_started_total", "Agent runs started.", C(self.runs_started.get())),
+            Family("tether_runs_finished_total", "Agent runs finished, by outcome.",
+                Counters("outcome", by(RunOutcome::ALL, &self.runs_finished, RunOutcome::label))),
+            Family("tether_runs_active", "Agent runs in progress.", G(self.runs_active.get() as f64)),
+            Family("tether_run_duration_seconds", "Agent run duration, start to completed/error.", H(&self.run_duration)),
+            Family("tether_db_sessions_opened_total", "Request-scoped database sessions opened.", C(self.sessions_opened.get())),
+            Family("tether_db_sessions_committed_total", "Database sessions committed.", C(self.sessions_committed.get())),
+            Family("tether_db_sessions_rolled_back_total", "Database sessions rolled back (dropped without commit, or failed).", C(self.sessions_rolled_back.get())),
+            Family("tether_db_sessions_open", "Database sessions open now.", G(self.sessions_open.get() as f64)),
+            Family("tether_store_query_seconds", "Store latency by operation.",
+                Histograms("op", StoreOp::ALL.iter().map(|op| (op.label(), self.store_latency(*op))).collect())),
+            Family("tether_store_commit_batch_size", "Sessions committed per group commit.", H(&self.store_batch_size)),
+            Family("tether_outbound_queue_drops_total", "Frames dropped because a connection's outbound queue was full.", C(self.outbound_drops.get())),
+            Family("tether_slow_consumer_closes_total", "Connections closed with 4009 (outbound queue overflow).", C(self.slow_consumer_closes.get())),
+            Family("tether_heartbeat_timeouts_total", "Connections closed with 4000 (no pong in time).", C(self.heartbeat_timeouts.get())),
+            Family("tether_audit_rows_recovered_total", "Audit rows left open by an earlier process and closed at start.", C(self.audit_rows_recovered.get())),
+            Family("tether_draining", "1 while the node drains.", G(if live.draining { 1.0 } else { 0.0 })),
+            Family("tether_tasks_alive", "Live tokio tasks (connections, runs, HTTP connections, housekeeping).", G(live.tasks_alive as f64)),
+        ];
         let mut o = String::with_capacity(8 * 1024);
-        let c = |o: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-        };
-        let g = |o: &mut String, name: &str, help: &str, v: f64| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        fn labelled<E: Copy>(
-            o: &mut String,
-            name: &str,
-            help: &str,
-            label: &str,
-            all: &[E],
-            values: &[Counter],
-            lbl: impl Fn(E) -> &'static str,
-        ) {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (e, v) in all.iter().zip(values) {
-                let _ = writeln!(o, "{name}{{{label}=\"{}\"}} {}", lbl(*e), v.get());
-            }
+        for f in &families {
+            f.write(&mut o);
         }
-        labelled(
-            &mut o,
-            "tether_thread_mismatches_total",
-            "Frames whose thread_id did not match their connection's context, and cleanups that found no entry for their key.",
-            "source",
-            MismatchSource::ALL,
-            &self.thread_mismatches,
-            MismatchSource::label,
-        );
-        c(
-            &mut o,
-            "tether_manager_cleanups_attempted_total",
-            "Manager cleanups attempted (last guard of a manager dropped).",
-            self.cleanups_attempted.get(),
-        );
-        c(
-            &mut o,
-            "tether_manager_cleanups_completed_total",
-            "Manager cleanups that found and removed their manager.",
-            self.cleanups_completed.get(),
-        );
-        c(
-            &mut o,
-            "tether_emergency_cleanups_total",
-            "Registry entries the backstop reaper had to remove (expected 0).",
-            self.emergency_cleanups.get(),
-        );
-        g(
-            &mut o,
-            "tether_managers_active",
-            "Isolated managers (user, thread) alive.",
-            live.managers as f64,
-        );
-        g(
-            &mut o,
-            "tether_users_with_managers",
-            "Users with at least one manager.",
-            live.users as f64,
-        );
-        g(
-            &mut o,
-            "tether_managers_per_user_avg",
-            "Average managers per user with managers.",
-            live.managers_per_user_avg,
-        );
-        g(
-            &mut o,
-            "tether_managers_per_user_max",
-            "Largest number of managers one user holds.",
-            live.managers_per_user_max as f64,
-        );
-        g(
-            &mut o,
-            "tether_connections_active",
-            "WebSocket connections registered now.",
-            live.connections as f64,
-        );
-        c(
-            &mut o,
-            "tether_connections_opened_total",
-            "WebSocket connections accepted and registered.",
-            self.connections_opened.get(),
-        );
-        labelled(
-            &mut o,
-            "tether_connections_closed_total",
-            "WebSocket connections closed, by close code (1006: no close handshake).",
-            "code",
-            CloseLabel::ALL,
-            &self.connections_closed,
-            CloseLabel::label,
-        );
-        labelled(
-            &mut o,
-            "tether_limit_rejections_total",
-            "Connections refused with 4008 by a per-user limit.",
-            "limit",
-            LimitKind::ALL,
-            &self.limit_rejections,
-            LimitKind::label,
-        );
-        labelled(
-            &mut o,
-            "tether_handshake_rejections_total",
-            "Upgrade requests refused before the upgrade.",
-            "reason",
-            Rejection::ALL,
-            &self.handshake_rejections,
-            Rejection::label,
-        );
-        labelled(
-            &mut o,
-            "tether_messages_in_total",
-            "Client frames received, by type.",
-            "type",
-            InKind::ALL,
-            &self.messages_in,
-            InKind::label,
-        );
-        labelled(
-            &mut o,
-            "tether_messages_out_total",
-            "Server frames queued, by type.",
-            "type",
-            OutKind::ALL,
-            &self.messages_out,
-            OutKind::label,
-        );
-        c(
-            &mut o,
-            "tether_runs_started_total",
-            "Agent runs started.",
-            self.runs_started.get(),
-        );
-        labelled(
-            &mut o,
-            "tether_runs_finished_total",
-            "Agent runs finished, by outcome.",
-            "outcome",
-            RunOutcome::ALL,
-            &self.runs_finished,
-            RunOutcome::label,
-        );
-        g(
-            &mut o,
-            "tether_runs_active",
-            "Agent runs in progress.",
-            self.runs_active.get() as f64,
-        );
-        self.run_duration.render(
-            &mut o,
-            "tether_run_duration_seconds",
-            "Agent run duration, start to completed/error.",
-        );
-        c(
-            &mut o,
-            "tether_db_sessions_opened_total",
-            "Request-scoped database sessions opened.",
-            self.sessions_opened.get(),
-        );
-        c(
-            &mut o,
-            "tether_db_sessions_committed_total",
-            "Database sessions committed.",
-            self.sessions_committed.get(),
-        );
-        c(
-            &mut o,
-            "tether_db_sessions_rolled_back_total",
-            "Database sessions rolled back (dropped without commit, or failed).",
-            self.sessions_rolled_back.get(),
-        );
-        g(
-            &mut o,
-            "tether_db_sessions_open",
-            "Database sessions open now.",
-            self.sessions_open.get() as f64,
-        );
-        let _ = writeln!(o, "# HELP tether_store_query_seconds Store latency by operation.\n# TYPE tether_store_query_seconds histogram");
-        for op in StoreOp::ALL {
-            let h = self.store_latency(*op);
-            let mut cumulative = 0;
-            for (i, b) in h.buckets.iter().enumerate() {
-                cumulative += b.load(Relaxed);
-                let _ = writeln!(
-                    o,
-                    "tether_store_query_seconds_bucket{{op=\"{}\",le=\"{}\"}} {cumulative}",
-                    op.label(),
-                    h.bounds[i]
-                );
-            }
-            let _ = writeln!(
-                o,
-                "tether_store_query_seconds_bucket{{op=\"{}\",le=\"+Inf\"}} {}",
-                op.label(),
-                h.count()
-            );
-            let _ = writeln!(
-                o,
-                "tether_store_query_seconds_sum{{op=\"{}\"}} {}",
-                op.label(),
-                h.sum_us.load(Relaxed) as f64 / 1e6
-            );
-            let _ = writeln!(
-                o,
-                "tether_store_query_seconds_count{{op=\"{}\"}} {}",
-                op.label(),
-                h.count()
-            );
-        }
-        self.store_batch_size.render(
-            &mut o,
-            "tether_store_commit_batch_size",
-            "Sessions committed per group commit.",
-        );
-        c(
-            &mut o,
-            "tether_outbound_queue_drops_total",
-            "Frames dropped because a connection's outbound queue was full.",
-            self.outbound_drops.get(),
-        );
-        c(
-            &mut o,
-            "tether_slow_consumer_closes_total",
-            "Connections closed with 4009 (outbound queue overflow).",
-            self.slow_consumer_closes.get(),
-        );
-        c(
-            &mut o,
-            "tether_heartbeat_timeouts_total",
-            "Connections closed with 4000 (no pong in time).",
-            self.heartbeat_timeouts.get(),
-        );
-        c(
-            &mut o,
-            "tether_audit_rows_recovered_total",
-            "Audit rows left open by an earlier process and closed at start.",
-            self.audit_rows_recovered.get(),
-        );
-        g(
-            &mut o,
-            "tether_draining",
-            "1 while the node drains.",
-            if live.draining { 1.0 } else { 0.0 },
-        );
-        g(
-            &mut o,
-            "tether_tasks_alive",
-            "Live tokio tasks (connections, runs, HTTP connections, housekeeping).",
-            live.tasks_alive as f64,
-        );
         o
+    }
+
+    /// `tether_connections_closed_total`'s series: the codes of the table that have one, by
+    /// number, then `other`.
+    fn closes_by_code(&self) -> Vec<(Cow<'static, str>, u64)> {
+        let mut series: Vec<_> = CloseCode::ALL
+            .iter()
+            .zip(&self.connections_closed)
+            .filter(|(c, _)| c.has_series())
+            .map(|(c, n)| (Cow::Owned(c.as_u16().to_string()), n.get()))
+            .collect();
+        let other = self.connections_closed[CloseCode::ALL.len()].get();
+        series.push((Cow::Borrowed("other"), other));
+        series
+    }
+}
+
+/// One metric of [`Metrics::render`]: its name, its help text and its samples.
+struct Family<'a>(&'static str, &'static str, Sample<'a>);
+
+/// The samples of one metric.
+enum Sample<'a> {
+    Counter(u64),
+    Gauge(f64),
+    /// A counter by one label: the label's name, then each value with its count.
+    Counters(&'static str, Vec<(Cow<'static, str>, u64)>),
+    Histogram(&'a Histogram),
+    /// A histogram by one label: the label's name, then each value with its histogram.
+    Histograms(&'static str, Vec<(&'static str, &'a Histogram)>),
+}
+
+/// The series of a counter labelled by a closed enum, in the enum's order.
+fn by<E: Copy>(
+    all: &[E],
+    values: &[Counter],
+    label: fn(E) -> &'static str,
+) -> Vec<(Cow<'static, str>, u64)> {
+    all.iter()
+        .zip(values)
+        .map(|(e, v)| (Cow::Borrowed(label(*e)), v.get()))
+        .collect()
+}
+
+impl Family<'_> {
+    fn write(&self, o: &mut String) {
+        let Family(name, help, sample) = self;
+        let kind = match sample {
+            Sample::Counter(_) | Sample::Counters(..) => "counter",
+            Sample::Gauge(_) => "gauge",
+            Sample::Histogram(_) | Sample::Histograms(..) => "histogram",
+        };
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        match sample {
+            Sample::Counter(v) => {
+                let _ = writeln!(o, "{name} {v}");
+            }
+            Sample::Gauge(v) => {
+                let _ = writeln!(o, "{name} {v}");
+            }
+            Sample::Counters(label, series) => {
+                for (value, n) in series {
+                    let _ = writeln!(o, "{name}{{{label}=\"{value}\"}} {n}");
+                }
+            }
+            Sample::Histogram(h) => h.write_series(o, name, ""),
+            Sample::Histograms(label, series) => {
+                for (value, h) in series {
+                    h.write_series(o, name, &format!("{label}=\"{value}\""));
+                }
+            }
+        }
     }
 }
 

@@ -26,6 +26,7 @@ use tokio::sync::Notify;
 
 use crate::context::{IsolationKey, UserExecutionContext};
 use crate::metrics::{metrics, LimitKind, MismatchSource};
+use crate::protocol::CloseReason;
 
 /// Per-user limits (PROTOCOL.md section 7, close code 4008).
 #[derive(Debug, Clone, Copy)]
@@ -72,13 +73,6 @@ impl OutFrame {
     }
 }
 
-/// A close the server asked a connection to perform (slow consumer, admin disconnect).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloseRequest {
-    pub code: u16,
-    pub reason: String,
-}
-
 /// State shared between a connection task and everyone who delivers to it: the bounded
 /// outbound queue and the close signal, under one small lock that is never held across an
 /// `.await`.
@@ -99,7 +93,8 @@ pub struct ConnShared {
 #[derive(Debug, Default)]
 struct SharedState {
     queue: VecDeque<OutFrame>,
-    close: Option<CloseRequest>,
+    /// The close asked for (slow consumer, admin disconnect); the first request wins.
+    close: Option<CloseReason>,
     /// The connection task is gone (its [`OutQueue`] was dropped).
     receiver_gone: bool,
 }
@@ -110,24 +105,21 @@ impl ConnShared {
     }
 
     /// Ask the connection to close; the first request wins.
-    pub fn request_close(&self, code: u16, reason: impl Into<String>) {
+    pub fn request_close(&self, reason: CloseReason) {
         let mut st = self.lock();
         if st.close.is_none() {
-            st.close = Some(CloseRequest {
-                code,
-                reason: reason.into(),
-            });
+            st.close = Some(reason);
             drop(st);
             self.notify.notify_one();
         }
     }
 
-    pub fn close_requested(&self) -> Option<CloseRequest> {
+    pub fn close_requested(&self) -> Option<CloseReason> {
         self.lock().close.clone()
     }
 
     /// Resolves once a close was requested.
-    pub async fn closed(&self) -> CloseRequest {
+    pub async fn closed(&self) -> CloseReason {
         loop {
             let notified = self.notify.notified();
             if let Some(c) = self.close_requested() {
@@ -194,9 +186,6 @@ pub struct ConnHandle {
     shared: Arc<ConnShared>,
 }
 
-/// The reason given to a connection whose queue overflowed.
-pub const SLOW_CONSUMER_REASON: &str = "slow consumer: outbound queue overflowed";
-
 impl ConnHandle {
     /// A handle and the receiving end the connection task reads from; the queue holds at most
     /// `capacity` frames.
@@ -229,10 +218,7 @@ impl ConnHandle {
             metrics().outbound_drops.inc();
             if !frame.droppable && st.close.is_none() {
                 metrics().slow_consumer_closes.inc();
-                st.close = Some(CloseRequest {
-                    code: 4009,
-                    reason: SLOW_CONSUMER_REASON.into(),
-                });
+                st.close = Some(CloseReason::SlowConsumer);
                 drop(st);
                 self.shared.notify.notify_one();
             }
@@ -244,8 +230,9 @@ impl ConnHandle {
         true
     }
 
-    pub fn request_close(&self, code: u16, reason: &str) {
-        self.shared.request_close(code, reason);
+    /// Ask the connection to close with `reason`; the first request wins.
+    pub fn request_close(&self, reason: CloseReason) {
+        self.shared.request_close(reason);
     }
 }
 
@@ -477,24 +464,14 @@ impl Registry {
     }
 
     /// Ask every connection of a user to close. Returns how many were asked.
-    pub fn close_user(&self, user_id: &str, code: u16, reason: &str) -> usize {
+    pub fn close_user(&self, user_id: &str, reason: &CloseReason) -> usize {
         let Some(slot) = self.inner.users.get(user_id) else {
             return 0;
         };
         let conns = slot.managers.iter().flat_map(|m| m.conns.iter());
-        conns.map(|c| c.handle.request_close(code, reason)).count()
-    }
-
-    /// Ask every connection to close (shutdown).
-    pub fn close_all(&self, code: u16, reason: &str) -> usize {
-        let mut n = 0;
-        for slot in self.inner.users.iter() {
-            for c in slot.managers.iter().flat_map(|m| m.conns.iter()) {
-                c.handle.request_close(code, reason);
-                n += 1;
-            }
-        }
-        n
+        conns
+            .map(|c| c.handle.request_close(reason.clone()))
+            .count()
     }
 
     /// Connections of one user, over all threads.
@@ -791,7 +768,7 @@ mod tests {
             reg.deliver(a.isolation_key(), &OutFrame::new(2, "b"), None),
             0
         );
-        assert_eq!(shared.close_requested().unwrap().code, 4009);
+        assert_eq!(shared.close_requested(), Some(CloseReason::SlowConsumer));
     }
 
     #[test]

@@ -130,7 +130,7 @@ impl Server {
         let http = tokio::spawn(accept_loop(
             self.listener,
             router(st.clone()),
-            Duration::from_millis(st.config.header_read_timeout_ms),
+            Duration::from_millis(st.config().header_read_timeout_ms),
             http_stop.clone(),
         ));
         let hk_state = st.clone();
@@ -139,24 +139,24 @@ impl Server {
             tick.tick().await;
             loop {
                 tokio::select! {
-                    _ = hk_state.shutdown.cancelled() => break,
+                    _ = hk_state.shutdown_token().cancelled() => break,
                     _ = tick.tick() => hk_state.housekeeping(),
                 }
             }
         });
-        tracing::info!(addr = %st.config.listen, "tether listening");
+        tracing::info!(addr = %st.config().listen, "tether listening");
         signal.await;
         tracing::info!("draining: closing connections with 1001");
         st.start_drain();
-        st.tracker.close();
-        let grace = st.config.shutdown_grace();
-        if tokio::time::timeout(grace, st.tracker.wait())
+        st.tracker().close();
+        let grace = st.config().shutdown_grace();
+        if tokio::time::timeout(grace, st.tracker().wait())
             .await
             .is_err()
         {
             tracing::warn!("grace period over: cancelling runs still in progress");
-            st.runs_cancel.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(2), st.tracker.wait()).await;
+            st.cancel_runs();
+            let _ = tokio::time::timeout(Duration::from_secs(2), st.tracker().wait()).await;
         }
         http_stop.cancel();
         if tokio::time::timeout(Duration::from_secs(3), http)
@@ -166,7 +166,7 @@ impl Server {
             tracing::warn!("HTTP connections still open at exit");
         }
         housekeeping.abort();
-        st.store.close().await;
+        st.store().close().await;
         tracing::info!("shutdown complete");
         Ok(())
     }

@@ -98,7 +98,7 @@ async fn scenario(app: &TestApp, b: &Browser) {
     .to_string();
     assert_eq!(
         app.state
-            .auth
+            .auth()
             .verify(&token)
             .expect("the dev token verifies"),
         "alice"

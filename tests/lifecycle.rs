@@ -63,10 +63,10 @@ async fn churn_with_resets_and_mid_run_closes_leaves_nothing_open_and_shutdown_c
 
     assert_eq!(s["thread_mismatches"], 0);
     assert_eq!(s["cleanups"]["attempted"], s["cleanups"]["completed"]);
-    assert_eq!(app.state.registry.reap(), 0, "the backstop finds nothing");
+    assert_eq!(app.state.registry().reap(), 0, "the backstop finds nothing");
     // Every audit row closed (closes are written by the group-commit writer; poll briefly).
     let deadline = tokio::time::Instant::now() + T;
-    while app.state.store.open_audit_rows().await.unwrap() != 0 {
+    while app.state.store().open_audit_rows().await.unwrap() != 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "audit rows still open"
@@ -81,7 +81,7 @@ async fn churn_with_resets_and_mid_run_closes_leaves_nothing_open_and_shutdown_c
         .await
         .unwrap();
     a.until("ack", T).await.unwrap();
-    let store = app.state.store.clone();
+    let store = app.state.store().clone();
     let state = app.state.clone();
     let config = app.config.clone();
     let shutdown = tokio::spawn(app.shutdown_keep());
@@ -95,7 +95,7 @@ async fn churn_with_resets_and_mid_run_closes_leaves_nothing_open_and_shutdown_c
     drop(store);
     // Restart on the same data: no audit row was left open, nothing to recover.
     let app = start(config, false).await;
-    assert_eq!(app.state.store.open_audit_rows().await.unwrap(), 0);
+    assert_eq!(app.state.store().open_audit_rows().await.unwrap(), 0);
     assert_eq!(tether::metrics::metrics().audit_rows_recovered.get(), 0);
     let _ = Client::connect(&app.ws_base(), &ConnectOptions::default()).await;
 }

@@ -88,7 +88,7 @@ impl TestApp {
     }
     pub fn token(&self, user: &str) -> String {
         self.state
-            .auth
+            .auth()
             .mint(user, Duration::from_secs(3600))
             .unwrap()
     }

@@ -5,9 +5,13 @@
 //! [`ClientRequest`]s (never panicking on hostile input) and building server frames. It knows
 //! nothing about connections, storage or agents.
 
+mod close;
+
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+pub use close::{CloseCode, CloseReason};
 
 /// The subprotocol name.
 pub const PROTOCOL: &str = "tether.v1";
@@ -55,94 +59,17 @@ pub enum ErrorCode {
     Internal,
 }
 
-/// Why the server closes a connection. The one table of close codes and reasons
-/// (PROTOCOL.md section 7); every close goes through [`CloseReason::code`] and
-/// [`CloseReason::reason`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CloseReason {
-    Normal,
-    ShuttingDown,
-    ProtocolError,
-    Binary,
-    InvalidUtf8,
-    DisconnectedByServer,
-    TooManyProtocolErrors,
-    TooBig {
-        max: usize,
-    },
-    Internal,
-    Overloaded,
-    HeartbeatTimeout,
-    /// A per-user limit; the text names it and the numbers.
-    UserLimit(String),
-    SlowConsumer,
-    RateLimited {
-        per_second: u32,
-    },
-}
-
-impl CloseReason {
-    pub fn code(&self) -> u16 {
-        match self {
-            Self::Normal => 1000,
-            Self::ShuttingDown => 1001,
-            Self::ProtocolError => 1002,
-            Self::Binary => 1003,
-            Self::InvalidUtf8 => 1007,
-            Self::DisconnectedByServer | Self::TooManyProtocolErrors => 1008,
-            Self::TooBig { .. } => 1009,
-            Self::Internal => 1011,
-            Self::Overloaded => 1013,
-            Self::HeartbeatTimeout => 4000,
-            Self::UserLimit(_) => 4008,
-            Self::SlowConsumer => 4009,
-            Self::RateLimited { .. } => 4029,
-        }
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary: how
+/// every text the server echoes or logs from a client is cut.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
     }
-
-    /// The close reason text, at most 123 bytes.
-    pub fn reason(&self) -> String {
-        let s = match self {
-            Self::Normal => "normal close".to_string(),
-            Self::ShuttingDown => "server shutting down".to_string(),
-            Self::ProtocolError => "protocol error".to_string(),
-            Self::Binary => "binary frames are not supported".to_string(),
-            Self::InvalidUtf8 => "text frame is not valid UTF-8".to_string(),
-            Self::DisconnectedByServer => "disconnected by server".to_string(),
-            Self::TooManyProtocolErrors => "too many invalid frames".to_string(),
-            Self::TooBig { max } => format!("message too big (max {max} bytes)"),
-            Self::Internal => "internal error".to_string(),
-            Self::Overloaded => "server overloaded".to_string(),
-            Self::HeartbeatTimeout => "heartbeat timeout: no pong in time".to_string(),
-            Self::UserLimit(text) => text.clone(),
-            Self::SlowConsumer => crate::registry::SLOW_CONSUMER_REASON.to_string(),
-            Self::RateLimited { per_second } => {
-                format!("too many messages (limit {per_second}/s)")
-            }
-        };
-        truncate_utf8(s, 123)
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
     }
-
-    /// The reason for a close another component asked for by code (registry requests: queue
-    /// overflow, admin disconnect, shutdown).
-    pub fn from_request(code: u16) -> Self {
-        match code {
-            4009 => Self::SlowConsumer,
-            1001 => Self::ShuttingDown,
-            _ => Self::DisconnectedByServer,
-        }
-    }
-}
-
-fn truncate_utf8(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
+    &s[..end]
 }
 
 /// A server frame's envelope. `data` is serialized once; callers pass any `Serialize`.
@@ -472,7 +399,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
             _ => return Err(invalid("data.run_id is required")),
         },
         other => {
-            let shown = truncate_utf8(other.to_string(), 64);
+            let shown = truncate(other, 64);
             return Err(FrameError::new(
                 ErrorCode::UnknownType,
                 format!("unknown type '{shown}'"),
@@ -629,17 +556,6 @@ mod tests {
             "0".repeat(5000)
         );
         assert!(parse_client_frame(&huge_num).is_err());
-    }
-
-    #[test]
-    fn close_reasons_fit_in_123_bytes() {
-        let long = CloseReason::UserLimit("x".repeat(500));
-        assert_eq!(long.reason().len(), 123);
-        assert_eq!(
-            CloseReason::RateLimited { per_second: 20 }.reason(),
-            "too many messages (limit 20/s)"
-        );
-        assert_eq!(CloseReason::SlowConsumer.code(), 4009);
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //! [`DemoAgent`] is the built-in agent. It is a demo and says so: no model, it counts the words
 //! of the message with a real (small) tool and echoes the text.
 
+mod runs;
+
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -35,6 +37,8 @@ use crate::metrics::{metrics, RunOutcome};
 use crate::protocol::{self, FrameMeta};
 use crate::session::{CommitReceipt, Gate, NewEvent, Role, SessionFactory, Write};
 use crate::store::StoreError;
+
+pub use runs::{ActiveRuns, RunGuard};
 
 /// Why a run ended without a reply. `code` is the `agent_error` code on the wire.
 #[derive(Debug, Clone, thiserror::Error)]
