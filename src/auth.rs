@@ -90,7 +90,7 @@ impl Auth {
 
     /// From configuration (resolving the generated secret when none is configured).
     pub fn from_config(cfg: &Config) -> Result<Self, AuthError> {
-        match cfg.jwt_alg {
+        match cfg.auth.jwt_alg {
             JwtAlg::Hs256 => {
                 let secret = cfg.resolve_jwt_secret().map_err(|e| {
                     AuthError::Key(format!("cannot read or create the JWT secret: {e}"))
@@ -98,7 +98,7 @@ impl Auth {
                 Ok(Self::hs256(&secret))
             }
             alg @ (JwtAlg::Rs256 | JwtAlg::Es256) => {
-                let path = cfg.jwt_public_key.as_ref().ok_or_else(|| {
+                let path = cfg.auth.jwt_public_key.as_ref().ok_or_else(|| {
                     AuthError::Key("TETHER_JWT_PUBLIC_KEY is required for RS256/ES256".into())
                 })?;
                 let pem = std::fs::read(path)

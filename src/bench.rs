@@ -306,24 +306,25 @@ impl Target {
     /// From the command line and the server's configuration. Secrets are only read here,
     /// never generated: a generated one would not be the server's.
     pub fn resolve(common: &CommonArgs, config: &Config) -> anyhow::Result<Self> {
-        let addr = common.target.unwrap_or(config.listen);
-        let jwt_secret = match (&common.token_secret, &config.jwt_secret) {
+        let addr = common.target.unwrap_or(config.listen.addr);
+        let jwt_secret = match (&common.token_secret, &config.auth.jwt_secret) {
             (Some(s), _) => Secret::new(s.clone()),
             (None, Some(s)) => s.clone(),
             (None, None) => {
-                read_secret(&config.data_dir.join("jwt-secret")).with_context(|| {
+                read_secret(&config.store.data_dir.join("jwt-secret")).with_context(|| {
                     format!(
                         "no token secret: pass --token-secret or TETHER_JWT_SECRET, or --data-dir \
                      of the server (no {}/jwt-secret)",
-                        config.data_dir.display()
+                        config.store.data_dir.display()
                     )
                 })?
             }
         };
         let admin_token = config
+            .auth
             .admin_token
             .clone()
-            .or_else(|| read_secret(&config.data_dir.join("admin-token")).ok());
+            .or_else(|| read_secret(&config.store.data_dir.join("admin-token")).ok());
         let server_pid = common
             .server_pid
             .or_else(|| find_listening_pid(addr.port()));

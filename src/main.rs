@@ -75,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         None | Some(Cmd::Serve) => {
-            init_logs(cli.config.log_format);
+            init_logs(cli.config.listen.log_format);
             let server = Server::bind(cli.config)
                 .await
                 .context("cannot start the gateway")?;

@@ -35,12 +35,19 @@ pub struct Limits {
     pub max_managers_per_user: usize,
 }
 
-impl Default for Limits {
-    fn default() -> Self {
+impl From<&crate::config::LimitsConfig> for Limits {
+    fn from(c: &crate::config::LimitsConfig) -> Self {
         Self {
-            max_connections_per_user: 20,
-            max_managers_per_user: 20,
+            max_connections_per_user: c.max_connections_per_user.get(),
+            max_managers_per_user: c.max_managers_per_user.get(),
         }
+    }
+}
+
+impl Default for Limits {
+    /// The configuration's defaults (`TETHER_MAX_*_PER_USER`).
+    fn default() -> Self {
+        Self::from(&crate::config::Config::default().limits)
     }
 }
 

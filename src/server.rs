@@ -59,25 +59,22 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
 impl Server {
     /// Open the store, recover audit rows left open by an earlier process, and bind.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
-            path: config.data_dir.display().to_string(),
+        std::fs::create_dir_all(&config.store.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.store.data_dir.display().to_string(),
             source,
         })?;
         let auth = Auth::from_config(&config)?;
         let admin_token = config
             .resolve_admin_token()
             .map_err(ServerError::AdminToken)?;
-        let registry = Registry::new(Limits {
-            max_connections_per_user: config.max_connections_per_user as usize,
-            max_managers_per_user: config.max_managers_per_user as usize,
-        });
+        let registry = Registry::new(Limits::from(&config.limits));
         let broker: Arc<dyn Broker> = Arc::new(LocalBroker::new(registry.clone()));
-        let mut opts = StoreOptions::sqlite_in(&std::fs::canonicalize(&config.data_dir)?);
-        if let Some(url) = &config.database_url {
+        let mut opts = StoreOptions::sqlite_in(&std::fs::canonicalize(&config.store.data_dir)?);
+        if let Some(url) = &config.store.database_url {
             opts.url = url.expose().to_string();
         }
-        opts.node_id = config.node_id.clone();
-        opts.sqlite_synchronous = config.sqlite_synchronous.clone();
+        opts.node_id = config.cluster.node_id.clone();
+        opts.sqlite_synchronous = config.store.sqlite_synchronous.as_str().to_string();
         let store: Arc<dyn Store> = SqlStore::open(opts, broker.clone()).await?;
         let recovered = store.recover_open_audit_rows().await?;
         if recovered > 0 {
@@ -88,15 +85,14 @@ impl Server {
             );
         }
         let agent: Arc<dyn Agent> = Arc::new(DemoAgent {
-            delay: config.agent_delay(),
+            delay: config.agent.delay,
         });
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = TcpListener::bind(config.listen.addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen.addr,
+                source,
+            })?;
         let state = AppState::new(
             config,
             registry,
@@ -130,7 +126,7 @@ impl Server {
         let http = tokio::spawn(accept_loop(
             self.listener,
             router(st.clone()),
-            Duration::from_millis(st.config().header_read_timeout_ms),
+            st.config().listen.header_read_timeout,
             http_stop.clone(),
         ));
         let hk_state = st.clone();
@@ -144,12 +140,12 @@ impl Server {
                 }
             }
         });
-        tracing::info!(addr = %st.config().listen, "tether listening");
+        tracing::info!(addr = %st.config().listen.addr, "tether listening");
         signal.await;
         tracing::info!("draining: closing connections with 1001");
         st.start_drain();
         st.tracker().close();
-        let grace = st.config().shutdown_grace();
+        let grace = st.config().listen.shutdown_grace;
         if tokio::time::timeout(grace, st.tracker().wait())
             .await
             .is_err()

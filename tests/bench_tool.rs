@@ -13,10 +13,11 @@ fn target(app: &TestApp) -> Target {
         addr: app.addr,
         jwt_secret: app
             .config
+            .auth
             .jwt_secret
             .clone()
             .expect("tests configure a secret"),
-        admin_token: app.config.admin_token.clone(),
+        admin_token: app.config.auth.admin_token.clone(),
         // The server runs in this process: its memory figures would be the test's own.
         server_pid: None,
     }
@@ -91,7 +92,8 @@ async fn churn_without_an_admin_token_is_refused_not_passed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_with_a_stalled_client_closes_it_and_serves_the_others() {
     // A small queue, so the stalled connection overflows after a few frames.
-    let app = spawn_with(|c| c.outbound_queue = 16).await;
+    let app =
+        spawn_with(|c| c.limits.outbound_queue = std::num::NonZeroUsize::new(16).unwrap()).await;
     let args = ChatArgs {
         connections: 3,
         messages: Some(5),

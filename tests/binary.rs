@@ -62,14 +62,23 @@ fn token(dir: &std::path::Path, user: &str) -> String {
 
 #[test]
 fn invalid_config_fails_at_start_naming_the_variable() {
-    let out = Command::new(BIN)
-        .env("TETHER_MAX_CONNECTIONS_PER_USER", "lots")
-        .env("TETHER_DATA_DIR", temp_dir())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("TETHER_MAX_CONNECTIONS_PER_USER"), "{err}");
+    for (var, value) in [
+        ("TETHER_MAX_CONNECTIONS_PER_USER", "lots"),
+        ("TETHER_SQLITE_SYNCHRONOUS", "SOMETIMES"),
+        ("TETHER_JWT_ALG", "none"),
+        ("TETHER_ALLOW_QUERY_TOKEN", "maybe"),
+        ("TETHER_RUN_TIMEOUT_MS", "0"),
+        ("TETHER_LOG_FORMAT", "xml"),
+    ] {
+        let out = Command::new(BIN)
+            .env(var, value)
+            .env("TETHER_DATA_DIR", temp_dir())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{var}={value} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(var), "{var}: {err}");
+    }
     let help = Command::new(BIN).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     for var in [

@@ -36,10 +36,10 @@ const POLL: Duration = Duration::from_millis(50);
 async fn chat_and_dashboard_pages_work_in_headless_chromium() {
     let Some(tools) = browser_tools() else { return };
     let app = spawn_with(|c| {
-        c.dev_mode = true;
-        c.agent_delay_ms = 50;
+        c.auth.dev_mode = true;
+        c.agent.delay = std::time::Duration::from_millis(50);
         // The page must use tickets: a token in the URL would be refused outright.
-        c.allow_query_token = false;
+        c.auth.allow_query_token = false;
     })
     .await;
     let driver = Driver::start(&tools);

@@ -566,7 +566,8 @@ async fn protocol_pings_within_the_rate_are_answered_and_pongs_are_ignored() {
 
 #[tokio::test]
 async fn a_ping_flood_beyond_the_message_rate_is_closed_with_4029() {
-    let mut s = scene_with(|c| c.message_rate = 20).await;
+    let mut s =
+        scene_with(|c| c.limits.message_rate = std::num::NonZeroU32::new(20).unwrap()).await;
     let mut raw = Raw::connect(&s.app, "mallory").await;
     let mut flood = Vec::new();
     for i in 0..500 {
@@ -1027,7 +1028,8 @@ async fn a_handshake_trickled_byte_by_byte_does_not_hold_up_others() {
 
 #[tokio::test]
 async fn a_handshake_that_stalls_is_dropped_after_the_header_read_timeout() {
-    let app = spawn_with(|c| c.header_read_timeout_ms = 300).await;
+    let app =
+        spawn_with(|c| c.listen.header_read_timeout = std::time::Duration::from_millis(300)).await;
     let mut io = TcpStream::connect(app.addr).await.unwrap();
     io.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgr")
         .await
@@ -1066,6 +1068,7 @@ fn sign(alg: Algorithm, key: &[u8], claims: &Value) -> String {
 
 fn secret(app: &TestApp) -> Vec<u8> {
     app.config
+        .auth
         .jwt_secret
         .as_ref()
         .unwrap()

@@ -71,8 +71,8 @@ async fn scrape(app: &TestApp) -> HashMap<String, f64> {
 #[tokio::test]
 async fn metrics_parse_and_move_when_clients_misbehave() {
     let app = spawn_with(|c| {
-        c.max_connections_per_user = 2;
-        c.max_managers_per_user = 2;
+        c.limits.max_connections_per_user = std::num::NonZeroUsize::new(2).unwrap();
+        c.limits.max_managers_per_user = std::num::NonZeroUsize::new(2).unwrap();
     })
     .await;
     let before = scrape(&app).await;

@@ -28,8 +28,8 @@ fn pg_url() -> Option<String> {
 /// A node on `url`, with a node id of its own.
 async fn spawn_on(url: &str) -> TestApp {
     spawn_with(|c| {
-        c.database_url = Some(tether::config::Secret::new(url.to_string()));
-        c.node_id = tether::ids::connection_id();
+        c.store.database_url = Some(tether::config::Secret::new(url.to_string()));
+        c.cluster.node_id = tether::ids::connection_id();
     })
     .await
 }

@@ -359,7 +359,9 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
 
 #[tokio::test]
 async fn binary_and_oversized_frames_close_with_1003_and_1009() {
-    let app = spawn_with(|c| c.max_message_bytes = 1024).await;
+    let app =
+        spawn_with(|c| c.limits.max_message_bytes = std::num::NonZeroUsize::new(1024).unwrap())
+            .await;
     let (mut c, _) = app.connect("alice").await;
     c.send_raw(Message::Binary(vec![1, 2, 3].into()))
         .await
@@ -377,8 +379,8 @@ async fn binary_and_oversized_frames_close_with_1003_and_1009() {
 #[tokio::test]
 async fn per_user_limits_close_new_connections_with_4008_and_spare_existing_ones() {
     let app = spawn_with(|c| {
-        c.max_connections_per_user = 3;
-        c.max_managers_per_user = 2;
+        c.limits.max_connections_per_user = std::num::NonZeroUsize::new(3).unwrap();
+        c.limits.max_managers_per_user = std::num::NonZeroUsize::new(2).unwrap();
     })
     .await;
     let (mut a, est) = app.connect("alice").await;
@@ -427,7 +429,7 @@ async fn per_user_limits_close_new_connections_with_4008_and_spare_existing_ones
 
 #[tokio::test]
 async fn flooding_gets_rate_limited_errors_then_4029() {
-    let app = spawn_with(|c| c.message_rate = 5).await;
+    let app = spawn_with(|c| c.limits.message_rate = std::num::NonZeroU32::new(5).unwrap()).await;
     let (mut c, _) = app.connect("alice").await;
     for i in 0..40 {
         if c.send_json(&json!({"type": "ping", "id": format!("p{i}")}))
@@ -459,8 +461,8 @@ async fn flooding_gets_rate_limited_errors_then_4029() {
 #[tokio::test]
 async fn a_client_that_never_answers_pings_is_closed_with_4000() {
     let app = spawn_with(|c| {
-        c.heartbeat_interval_ms = 100;
-        c.pong_timeout_ms = 100;
+        c.limits.heartbeat_interval = std::time::Duration::from_millis(100);
+        c.limits.pong_timeout = std::time::Duration::from_millis(100);
     })
     .await;
     // A raw client that reads but never answers pings (tungstenite answers automatically, so
@@ -581,7 +583,7 @@ async fn health_ready_and_metrics_answer() {
 
 #[tokio::test]
 async fn cancel_run_ends_the_run_with_agent_error_cancelled() {
-    let app = spawn_with(|c| c.agent_delay_ms = 300).await;
+    let app = spawn_with(|c| c.agent.delay = std::time::Duration::from_millis(300)).await;
     let (mut c, _) = app.connect("alice").await;
     c.send_json(&json!({"type": "user_message", "id": "m", "data": {"content": "slow"}}))
         .await
@@ -624,7 +626,8 @@ async fn events_survive_a_restart() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_others_are_unaffected() {
-    let app = spawn_with(|c| c.outbound_queue = 8).await;
+    let app =
+        spawn_with(|c| c.limits.outbound_queue = std::num::NonZeroUsize::new(8).unwrap()).await;
     // A raw client with a tiny receive buffer that upgrades and then never reads.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
@@ -660,7 +663,7 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_others_are
 
 #[tokio::test]
 async fn the_per_ip_connection_rate_answers_429() {
-    let app = spawn_with(|c| c.connect_rate_per_ip = 2).await;
+    let app = spawn_with(|c| c.limits.connect_rate_per_ip = 2).await;
     let mut refused = 0;
     for _ in 0..10 {
         match Client::connect(

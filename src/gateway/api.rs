@@ -191,7 +191,7 @@ pub(super) async fn dev_token(
     State(st): State<Arc<AppState>>,
     body: Result<ApiJson<DevTokenBody>, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
-    if !st.config.dev_mode {
+    if !st.config.auth.dev_mode {
         return Err(ApiError::not_found());
     }
     let ApiJson(body) = body?;

@@ -95,7 +95,7 @@ impl AppState {
         tracker: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Self {
-            connect_rate: ConnectRate::new(config.connect_rate_per_ip),
+            connect_rate: ConnectRate::new(config.limits.connect_rate_per_ip),
             config,
             registry,
             sessions: SessionFactory::new(store.clone()),
@@ -209,7 +209,7 @@ impl AppState {
                 "tracked": self.tracker.len(),
             },
             "uptime_s": self.started.elapsed().as_secs(),
-            "node_id": self.config.node_id,
+            "node_id": self.config.cluster.node_id,
             "version": env!("CARGO_PKG_VERSION"),
         })
     }

@@ -108,7 +108,7 @@ pub(super) async fn metrics(
     State(st): State<Arc<AppState>>,
     admin: Result<Admin, ApiError>,
 ) -> Result<Response, ApiError> {
-    if st.config.metrics_require_admin {
+    if st.config.auth.metrics_require_admin {
         admin?;
     }
     let s = st.registry.stats(0);

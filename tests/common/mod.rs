@@ -62,7 +62,7 @@ pub async fn start(config: Config, keep_dir: bool) -> TestApp {
     TestApp {
         addr,
         state,
-        data_dir: config.data_dir.clone(),
+        data_dir: config.store.data_dir.clone(),
         config,
         stop: Some(stop),
         join: Some(join),

@@ -103,9 +103,9 @@ impl Connection {
         since: Option<u64>,
         last_seq: u64,
     ) {
-        let (handle, mut rx, shared) = ConnHandle::channel(st.config.outbound_queue as usize);
+        let (handle, mut rx, shared) = ConnHandle::channel(st.config.limits.outbound_queue.get());
         let mut conn = Connection {
-            rate: FrameRate::new(st.config.message_rate),
+            rate: FrameRate::new(st.config.limits.message_rate),
             st,
             ctx,
             sink,
@@ -264,8 +264,8 @@ impl Connection {
             Ok(()) => {}
             Err(end) => return end,
         }
-        let hb_interval = self.st.config.heartbeat_interval();
-        let pong_timeout = self.st.config.pong_timeout();
+        let hb_interval = self.st.config.limits.heartbeat_interval;
+        let pong_timeout = self.st.config.limits.pong_timeout;
         let mut ping_sent: Option<tokio::time::Instant> = None;
         let mut next_ping = tokio::time::Instant::now() + hb_interval;
         let shared = self.shared.clone();
@@ -289,7 +289,7 @@ impl Connection {
                 f = rx.recv() => Box::pin(self.forward(f, rx)).await,
                 msg = stream.next() => match msg {
                     None => Err(End::Lost),
-                    Some(Err(e)) => Err(End::from_ws_error(e, self.st.config.max_message_bytes as usize)),
+                    Some(Err(e)) => Err(End::from_ws_error(e, self.st.config.limits.max_message_bytes.get())),
                     Some(Ok(Message::Text(t))) => Box::pin(self.on_text(t.as_str())).await,
                     Some(Ok(Message::Binary(_))) => Err(End::Close(CloseReason::Binary)),
                     Some(Ok(Message::Ping(_))) => match self.rate.check() {
@@ -315,13 +315,13 @@ impl Connection {
     /// The close for a client that stayed over its frame rate.
     pub(super) fn rate_exceeded(&self) -> End {
         End::Close(CloseReason::RateLimited {
-            per_second: self.st.config.message_rate as u32,
+            per_second: self.st.config.limits.message_rate.get(),
         })
     }
 
     /// `connection_established`, then the replay of `since`.
     async fn start(&mut self, since: Option<u64>, last_seq: u64) -> Result<(), End> {
-        let cfg = &self.st.config;
+        let cfg = &self.st.config.limits;
         let data = json!({
             "connection_id": self.ctx.connection_id(),
             "user_id": self.ctx.user_id(),
@@ -333,11 +333,11 @@ impl Connection {
             "resumed": self.ctx.resumed(),
             "last_seq": last_seq,
             "limits": {
-                "max_message_bytes": cfg.max_message_bytes,
-                "heartbeat_interval_ms": cfg.heartbeat_interval_ms,
-                "max_connections_per_user": cfg.max_connections_per_user,
-                "max_managers_per_user": cfg.max_managers_per_user,
-                "message_rate_per_second": cfg.message_rate,
+                "max_message_bytes": cfg.max_message_bytes.get(),
+                "heartbeat_interval_ms": cfg.heartbeat_interval.as_millis() as u64,
+                "max_connections_per_user": cfg.max_connections_per_user.get(),
+                "max_managers_per_user": cfg.max_managers_per_user.get(),
+                "message_rate_per_second": cfg.message_rate.get(),
             },
         });
         let text = protocol::frame("connection_established", self.meta(None), &data);

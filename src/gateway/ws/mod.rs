@@ -117,7 +117,7 @@ fn authenticate(
         return st.auth.verify(t);
     }
     if let Some(t) = q.token.as_deref() {
-        if st.config.allow_query_token {
+        if st.config.auth.allow_query_token {
             return st.auth.verify(t);
         }
     }
@@ -202,10 +202,10 @@ pub(super) async fn ws_handler(
         Ok(t) => t,
         Err(refusal) => return refusal,
     };
-    let max = st.config.max_message_bytes as usize;
+    let max = st.config.limits.max_message_bytes.get();
     let tracker = st.tracker.clone();
     ws.protocols([protocol::PROTOCOL])
-        .read_buffer_size(st.config.ws_read_buffer_bytes as usize)
+        .read_buffer_size(st.config.limits.ws_read_buffer_bytes.get())
         // Frames fed in one burst (see `Connection::forward`) leave in one write; a single
         // `send` flushes. The buffer grows to the largest burst written (a run's frames: a few
         // KiB) and keeps that capacity; a connection that never gets a burst never grows it.

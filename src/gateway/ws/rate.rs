@@ -3,6 +3,7 @@
 //! [`ConnectRate`], fixed one-second windows of new connections per IP.
 
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 
 use dashmap::DashMap;
 use tokio::time::Instant;
@@ -29,10 +30,11 @@ pub(super) struct FrameRate {
 }
 
 impl FrameRate {
-    pub(super) fn new(per_second: u64) -> Self {
+    pub(super) fn new(per_second: NonZeroU32) -> Self {
+        let per_second = f64::from(per_second.get());
         Self {
-            per_second: per_second as f64,
-            tokens: per_second as f64,
+            per_second,
+            tokens: per_second,
             last: Instant::now(),
             strikes: 0,
         }
@@ -63,14 +65,14 @@ impl FrameRate {
 #[derive(Debug)]
 pub(crate) struct ConnectRate {
     /// Most new connections per IP and second; 0: no limit.
-    limit: u64,
+    limit: u32,
     epoch: Instant,
     /// Per IP: the window (seconds since `epoch`) and the connections seen in it.
-    windows: DashMap<IpAddr, (u64, u64)>,
+    windows: DashMap<IpAddr, (u64, u32)>,
 }
 
 impl ConnectRate {
-    pub(crate) fn new(limit: u64) -> Self {
+    pub(crate) fn new(limit: u32) -> Self {
         Self {
             limit,
             epoch: Instant::now(),
@@ -111,14 +113,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_burst_over_the_rate_is_refused_then_closed_and_the_bucket_refills() {
-        let mut rate = FrameRate::new(2);
+        let mut rate = FrameRate::new(NonZeroU32::new(2).unwrap());
         assert_eq!(rate.check(), RateCheck::Allowed);
         assert_eq!(rate.check(), RateCheck::Allowed);
         // Two refusals in a row are tolerated (one second's worth), the third closes.
         assert_eq!(rate.check(), RateCheck::Refused);
         assert_eq!(rate.check(), RateCheck::Refused);
         assert_eq!(rate.check(), RateCheck::Exceeded);
-        let mut rate = FrameRate::new(2);
+        let mut rate = FrameRate::new(NonZeroU32::new(2).unwrap());
         rate.check();
         rate.check();
         assert_eq!(rate.check(), RateCheck::Refused);

@@ -25,7 +25,7 @@ impl Connection {
             RateCheck::Refused => {
                 metrics().message_in(InKind::Invalid);
                 let id = protocol::parse_client_frame(text).ok().and_then(|f| f.id);
-                let limit = self.st.config.message_rate;
+                let limit = self.st.config.limits.message_rate;
                 return self
                     .send_error(
                         id.as_deref(),
@@ -202,7 +202,7 @@ impl Connection {
                     input,
                     reply_to.clone(),
                     cancel,
-                    st.config.run_timeout(),
+                    st.config.agent.run_timeout,
                 );
                 let watch = async {
                     let err = match receipt.await {
