@@ -28,6 +28,18 @@ use crate::context::{IsolationKey, UserExecutionContext};
 use crate::metrics::{metrics, LimitKind, MismatchSource};
 use crate::protocol::CloseReason;
 
+/// Whose live connections or managers [`Registry::connection_count`] and
+/// [`Registry::manager_count`] count.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// The whole node.
+    Node,
+    /// One user, over all threads.
+    User(&'a str),
+    /// One (user, thread) manager.
+    Manager(&'a IsolationKey),
+}
+
 /// Per-user limits (PROTOCOL.md section 7, close code 4008).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -481,35 +493,31 @@ impl Registry {
             .count()
     }
 
-    /// Connections of one user, over all threads.
-    pub fn get_user_connection_count(&self, user_id: &str) -> usize {
-        self.inner.users.get(user_id).map_or(0, |s| s.connections)
+    /// Live connections in `scope`.
+    pub fn connection_count(&self, scope: Scope<'_>) -> usize {
+        match scope {
+            Scope::Node => self.inner.connections.load(Relaxed) as usize,
+            Scope::User(user_id) => self.inner.users.get(user_id).map_or(0, |s| s.connections),
+            Scope::Manager(key) => self.inner.users.get(key_user(key)).map_or(0, |s| {
+                s.managers
+                    .iter()
+                    .find(|m| &m.key == key)
+                    .map_or(0, |m| m.conns.len())
+            }),
+        }
     }
 
-    /// Managers (threads with live connections) of one user.
-    pub fn get_user_manager_count(&self, user_id: &str) -> usize {
-        self.inner
-            .users
-            .get(user_id)
-            .map_or(0, |s| s.managers.len())
-    }
-
-    /// Connections of one manager.
-    pub fn get_manager_connection_count(&self, key: &IsolationKey) -> usize {
-        self.inner.users.get(key_user(key)).map_or(0, |s| {
-            s.managers
-                .iter()
-                .find(|m| &m.key == key)
-                .map_or(0, |m| m.conns.len())
-        })
-    }
-
-    pub fn connection_count(&self) -> u64 {
-        self.inner.connections.load(Relaxed)
-    }
-
-    pub fn manager_count(&self) -> u64 {
-        self.inner.managers.load(Relaxed)
+    /// Live managers (threads with live connections) in `scope` (0 or 1 for one manager).
+    pub fn manager_count(&self, scope: Scope<'_>) -> usize {
+        match scope {
+            Scope::Node => self.inner.managers.load(Relaxed) as usize,
+            Scope::User(user_id) => self
+                .inner
+                .users
+                .get(user_id)
+                .map_or(0, |s| s.managers.len()),
+            Scope::Manager(key) => usize::from(self.connection_count(Scope::Manager(key)) > 0),
+        }
     }
 
     /// Live figures; `top` lists the users with the most managers.
@@ -540,8 +548,8 @@ impl Registry {
         sort_top(&mut all);
         all.truncate(top);
         RegistryStats {
-            connections: self.connection_count(),
-            managers: self.manager_count(),
+            connections: self.connection_count(Scope::Node) as u64,
+            managers: self.manager_count(Scope::Node) as u64,
             users,
             managers_per_user_max: max,
             managers_per_user_avg: if users == 0 {
@@ -675,10 +683,10 @@ mod tests {
         let reg = Registry::new(Limits::default());
         let c = ctx("integration-user");
         let guard = reg.register(&c, handle().0).unwrap();
-        assert_eq!(reg.get_user_manager_count("integration-user"), 1);
-        assert_eq!(reg.get_user_connection_count("integration-user"), 1);
+        assert_eq!(reg.manager_count(Scope::User("integration-user")), 1);
+        assert_eq!(reg.connection_count(Scope::User("integration-user")), 1);
         drop(guard);
-        assert_eq!(reg.get_user_manager_count("integration-user"), 0);
+        assert_eq!(reg.manager_count(Scope::User("integration-user")), 0);
         assert_eq!(reg.stats(10).users, 0);
     }
 
@@ -688,14 +696,14 @@ mod tests {
         let a = ctx("alice");
         let g1 = reg.register(&a, handle().0).unwrap();
         let g2 = reg.register(&tab_of(&a), handle().0).unwrap();
-        assert_eq!(reg.get_user_manager_count("alice"), 1);
-        assert_eq!(reg.get_manager_connection_count(a.isolation_key()), 2);
+        assert_eq!(reg.manager_count(Scope::User("alice")), 1);
+        assert_eq!(reg.connection_count(Scope::Manager(a.isolation_key())), 2);
         drop(g1);
-        assert_eq!(reg.get_user_manager_count("alice"), 1);
+        assert_eq!(reg.manager_count(Scope::User("alice")), 1);
         drop(g2);
-        assert_eq!(reg.get_user_manager_count("alice"), 0);
-        assert_eq!(reg.connection_count(), 0);
-        assert_eq!(reg.manager_count(), 0);
+        assert_eq!(reg.manager_count(Scope::User("alice")), 0);
+        assert_eq!(reg.connection_count(Scope::Node), 0);
+        assert_eq!(reg.manager_count(Scope::Node), 0);
     }
 
     #[test]
@@ -714,7 +722,7 @@ mod tests {
         let _g3 = reg.register(&tab_of(&a), handle().0).unwrap();
         let err = reg.register(&tab_of(&a), handle().0).unwrap_err();
         assert_eq!(err.to_string(), "too many connections for user (3/3)");
-        assert_eq!(reg.get_user_connection_count("alice"), 3);
+        assert_eq!(reg.connection_count(Scope::User("alice")), 3);
         // Other users are not affected.
         let _b = reg.register(&ctx("bob"), handle().0).unwrap();
     }
@@ -789,8 +797,8 @@ mod tests {
         })
         .join();
         assert!(res.is_err());
-        assert_eq!(reg.get_user_manager_count("alice"), 0);
-        assert_eq!(reg.connection_count(), 0);
+        assert_eq!(reg.manager_count(Scope::User("alice")), 0);
+        assert_eq!(reg.connection_count(Scope::Node), 0);
     }
 
     #[test]
@@ -805,8 +813,8 @@ mod tests {
         drop(rx);
         assert_eq!(reg.reap(), 0, "first sighting only marks");
         assert_eq!(reg.reap(), 1);
-        assert_eq!(reg.get_user_manager_count("alice"), 0);
-        assert_eq!(reg.connection_count(), 0);
+        assert_eq!(reg.manager_count(Scope::User("alice")), 0);
+        assert_eq!(reg.connection_count(Scope::Node), 0);
     }
 
     #[test]
@@ -830,8 +838,8 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(reg.connection_count(), 0);
-        assert_eq!(reg.manager_count(), 0);
+        assert_eq!(reg.connection_count(Scope::Node), 0);
+        assert_eq!(reg.manager_count(Scope::Node), 0);
         assert_eq!(reg.stats(5).users, 0);
     }
 }

@@ -642,7 +642,12 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_others_are
     let big = "x".repeat(60_000);
     let mut published = 0;
     // Publish until the server gives up on the stalled client (bounded).
-    while app.state.registry().get_user_connection_count("stalled") > 0 {
+    while app
+        .state
+        .registry()
+        .connection_count(tether::registry::Scope::User("stalled"))
+        > 0
+    {
         assert!(published < 2000, "never closed as a slow consumer");
         http.post(app.http("/api/users/stalled/events"))
             .bearer_auth(ADMIN)
