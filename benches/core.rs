@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::json;
-use tether::broker::LocalBroker;
-use tether::context::{ThreadChoice, UserExecutionContext};
 use tether::ids;
 use tether::protocol::{self, FrameMeta};
-use tether::registry::{ConnHandle, Limits, OutFrame, Registry};
-use tether::session::{NewEvent, SessionFactory, Write};
-use tether::store::{SqlStore, StoreOptions};
+use tether::LocalBroker;
+use tether::{ConnHandle, Limits, OutFrame, Registry};
+use tether::{NewEvent, SessionFactory, Write};
+use tether::{SqlStore, StoreOptions};
+use tether::{ThreadChoice, UserExecutionContext};
 
 fn ctx(user: &str) -> UserExecutionContext {
     UserExecutionContext::from_websocket_request(user, &ids::connection_id(), ThreadChoice::New)

@@ -122,7 +122,7 @@ async fn main() {
         }
     });
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(tether::server::shutdown_signal())
+        .with_graceful_shutdown(tether::shutdown_signal())
         .await;
     if let Err(e) = served {
         eprintln!("baseline: {e}");
@@ -258,9 +258,9 @@ fn run_frames(
     let reply_id = tether::ids::message_id();
     let call = tether::ids::tool_call_id();
     let started = std::time::Instant::now();
-    let count = tether::agent::word_count(content);
-    let reply = tether::agent::demo_reply(content, &count);
-    let (first_half, second_half) = tether::agent::halves(&reply);
+    let count = tether::testing::word_count(content);
+    let reply = tether::testing::demo_reply(content, &count);
+    let (first_half, second_half) = tether::testing::halves(&reply);
     let ack_seq = next();
     let mut out = Vec::with_capacity(8);
     out.push(protocol::frame(

@@ -22,20 +22,28 @@ const MAX_TICKETS: usize = 100_000;
 /// Why a credential was refused (HTTP 401 `unauthorized`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
+    /// No credential was given.
     #[error("missing credentials")]
     Missing,
+    /// The token has expired.
     #[error("token expired")]
     Expired,
+    /// The token does not verify (signature, algorithm, claims).
     #[error("invalid token")]
     Invalid,
+    /// The token's subject is not a valid user id.
     #[error("invalid user id in token: {0}")]
     BadSubject(String),
+    /// The ticket is unknown, used or expired.
     #[error("unknown, expired or already used ticket")]
     BadTicket,
+    /// Too many tickets are outstanding.
     #[error("too many outstanding tickets")]
     TooManyTickets,
+    /// This node cannot mint tokens (it only has a public key).
     #[error("this server cannot mint tokens (it verifies {0} tokens with a public key)")]
     CannotMint(&'static str),
+    /// The key could not be loaded.
     #[error("key error: {0}")]
     Key(String),
 }

@@ -20,7 +20,9 @@ use crate::registry::{OutFrame, Registry};
 /// One committed frame on its way to a manager's connections.
 #[derive(Debug, Clone)]
 pub struct Delivery {
+    /// The (user, thread) the frame goes to.
     pub key: IsolationKey,
+    /// The committed frame.
     pub frame: OutFrame,
     /// The connection that gets `ack` instead of `frame` (the sender of a user message).
     pub ack: Option<(Arc<str>, OutFrame)>,
@@ -73,6 +75,7 @@ pub struct LocalBroker {
 }
 
 impl LocalBroker {
+    /// A broker that delivers through this node's `registry`.
     pub fn new(registry: Registry) -> Self {
         Self { registry }
     }

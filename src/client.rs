@@ -22,12 +22,16 @@ pub use tokio_tungstenite::tungstenite::Error as WsError;
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The WebSocket failed.
     #[error("websocket: {0}")]
     Ws(#[from] WsError),
+    /// Nothing arrived in time; the text says what was awaited.
     #[error("timed out waiting for {0}")]
     Timeout(String),
+    /// The server closed the connection (code and reason, if it sent a close frame).
     #[error("connection closed: {0:?}")]
     Closed(Option<(u16, String)>),
+    /// A frame that is not the JSON the protocol promises.
     #[error("invalid frame from server: {0}")]
     BadFrame(String),
 }
@@ -37,7 +41,9 @@ pub enum ClientError {
 pub struct ConnectOptions {
     /// Sent as `Authorization: Bearer`.
     pub token: Option<String>,
+    /// Resume this thread (`?thread_id=`).
     pub thread_id: Option<String>,
+    /// Replay events after this `seq` (`?since=`).
     pub since: Option<u64>,
     /// Extra raw query string (e.g. `ticket=...`).
     pub query: Option<String>,
@@ -253,7 +259,8 @@ impl Client {
             }))
             .await?;
         // Drain until the server's close echo.
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        // Best effort: a server that never echoes still gets closed.
+        let _drained = tokio::time::timeout(Duration::from_secs(2), async {
             while let Some(Ok(_)) = self.ws.next().await {}
         })
         .await;
@@ -263,7 +270,8 @@ impl Client {
     /// Reset the TCP connection (RST, no close frame): an abrupt disconnect.
     pub fn abort(self) {
         if let MaybeTlsStream::Plain(s) = self.ws.get_ref() {
-            let _ = socket_linger_zero(s);
+            // Best effort: without it the close is an ordinary FIN.
+            let _reset = socket_linger_zero(s);
         }
         drop(self.ws);
     }

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use crate::ids;
 
 /// Longest user id accepted (bytes), PROTOCOL.md section 1.
-pub const MAX_USER_ID_BYTES: usize = 256;
+pub(crate) const MAX_USER_ID_BYTES: usize = 256;
 /// How deep agent runs may nest (a run starting a sub-run ...).
-pub const MAX_CONTEXT_DEPTH: u8 = 8;
+pub(crate) const MAX_CONTEXT_DEPTH: u8 = 8;
 
 /// Values that are placeholders, not ids. Compared case-insensitively against every id.
 const PLACEHOLDERS: &[&str] = &[
@@ -50,27 +50,42 @@ const LONGEST_PLACEHOLDER: usize = 11;
 /// Why a context could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ContextError {
+    /// An id is empty.
     #[error("{field} is empty")]
-    Empty { field: &'static str },
+    Empty {
+        /// Which id.
+        field: &'static str,
+    },
+    /// An id is a placeholder (such as `undefined`).
     #[error("{field} is a placeholder value, not an id")]
-    Placeholder { field: &'static str },
+    Placeholder {
+        /// Which id.
+        field: &'static str,
+    },
+    /// The user id is longer than `MAX_USER_ID_BYTES`.
     #[error("user id is longer than {MAX_USER_ID_BYTES} bytes")]
     UserIdTooLong,
+    /// The user id has characters that are not printable.
     #[error("user id contains control characters")]
     UserIdNotPrintable,
+    /// An id does not parse.
     #[error("{field} is malformed: {source}")]
     Malformed {
+        /// Which id.
         field: &'static str,
+        /// Why it does not parse.
         source: ids::IdError,
     },
+    /// Runs nested deeper than `MAX_CONTEXT_DEPTH`.
     #[error("context nesting is deeper than {MAX_CONTEXT_DEPTH}")]
     TooDeep,
+    /// The thread belongs to another user.
     #[error("the thread's ownership was proven for another user")]
     NotOwner,
 }
 
 /// Validate a user id: 1 to 256 bytes, no control characters, not a placeholder.
-pub fn validate_user_id(user_id: &str) -> Result<(), ContextError> {
+pub(crate) fn validate_user_id(user_id: &str) -> Result<(), ContextError> {
     check_not_placeholder("user_id", user_id)?;
     if user_id.len() > MAX_USER_ID_BYTES {
         return Err(ContextError::UserIdTooLong);
@@ -122,6 +137,7 @@ impl OwnedThread {
         }
     }
 
+    /// The thread's id.
     pub fn thread_id(&self) -> &str {
         &self.thread_id
     }
@@ -225,24 +241,31 @@ impl UserExecutionContext {
         })
     }
 
+    /// The user this context acts for.
     pub fn user_id(&self) -> &str {
         &self.inner.user_id
     }
+    /// The thread (conversation) of the connection.
     pub fn thread_id(&self) -> &str {
         &self.inner.thread_id
     }
+    /// The run: the connection's root run, or an agent run of a child context.
     pub fn run_id(&self) -> &str {
         &self.inner.run_id
     }
+    /// The request that created this context.
     pub fn request_id(&self) -> &str {
         &self.inner.request_id
     }
+    /// The WebSocket connection the context belongs to.
     pub fn connection_id(&self) -> &str {
         &self.inner.connection_id
     }
+    /// The run this one was derived from (`None` for a connection's root context).
     pub fn parent_run_id(&self) -> Option<&str> {
         self.inner.parent_run_id.as_deref()
     }
+    /// How many `child()` steps from the connection's context (0 for it).
     pub fn depth(&self) -> u8 {
         self.inner.depth
     }
@@ -316,6 +339,7 @@ impl IsolationKey {
         Self(s.into())
     }
 
+    /// The key as text: `{user_id}:{thread_id}`.
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -159,8 +159,11 @@ pub struct ParsedId<'a> {
     pub prefix: &'a str,
     /// The operation (`websocket_session`, `agent_run`, ...); empty for ids without one.
     pub operation: &'a str,
+    /// Unix time in ms when the id was minted.
     pub unix_ms: u64,
+    /// The process-wide counter at minting.
     pub counter: u64,
+    /// The random part, in hex.
     pub hex: &'a str,
     /// `{operation}_{unix_ms}_{counter}_{hex8}` (or without the operation).
     pub root: &'a str,
@@ -169,12 +172,16 @@ pub struct ParsedId<'a> {
 /// Why a string is not a well-formed id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
+    /// The id is empty.
     #[error("id is empty")]
     Empty,
+    /// The id is longer than `MAX_ID_BYTES`.
     #[error("id is longer than {MAX_ID_BYTES} bytes")]
     TooLong,
+    /// The prefix is not one this server mints.
     #[error("id has an unknown prefix")]
     UnknownPrefix,
+    /// The id does not have the `{prefix}_{ms}_{counter}_{hex}` shape.
     #[error("id is not of the form prefix_[operation_]unixms_counter_hex8")]
     Malformed,
 }
@@ -320,12 +327,12 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn parse_never_panics(s in "\\PC{0,300}") {
-            let _ = parse(&s);
+            let _any_outcome = parse(&s);
         }
 
         #[test]
         fn parse_never_panics_on_id_shaped_input(s in "(thread|run|req|conn|msg)_[a-z_]{0,20}_[0-9]{0,20}_[0-9]{0,22}_[0-9a-f]{0,9}") {
-            let _ = parse(&s);
+            let _any_outcome = parse(&s);
         }
     }
 }

@@ -2,9 +2,9 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tether::auth::Auth;
-use tether::config::{parse_ttl, Config, LogFormat};
-use tether::server::{shutdown_signal, Server};
+use tether::Auth;
+use tether::{parse_ttl, Config, LogFormat};
+use tether::{shutdown_signal, Server};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]

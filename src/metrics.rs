@@ -105,6 +105,10 @@ impl Histogram {
     }
 
     /// The `_bucket`, `_sum` and `_count` lines, with `labels` (`k="v"`, or empty) before `le`.
+    #[expect(
+        clippy::let_underscore_must_use,
+        reason = "writing to a String cannot fail"
+    )]
     fn write_series(&self, out: &mut String, name: &str, labels: &str) {
         let (open, sep) = if labels.is_empty() {
             ("", "")
@@ -231,29 +235,53 @@ const LATENCY_BOUNDS: &[f64] = &[
 
 /// Every metric of the process.
 pub struct Metrics {
+    /// Thread id mismatches, by `MismatchSource`.
     pub thread_mismatches: Vec<Counter>,
+    /// Manager cleanups attempted.
     pub cleanups_attempted: Counter,
+    /// Manager cleanups that found their manager.
     pub cleanups_completed: Counter,
+    /// Entries the backstop reaper removed (expected 0).
     pub emergency_cleanups: Counter,
+    /// Connections accepted and registered.
     pub connections_opened: Counter,
+    /// Connections closed, one counter per code of the close-code table and `other` last.
     pub connections_closed: Vec<Counter>,
+    /// Per-user limit refusals, by `LimitKind`.
     pub limit_rejections: Vec<Counter>,
+    /// Refusals before the upgrade, by `Rejection`.
     pub handshake_rejections: Vec<Counter>,
+    /// Client frames, by `InKind`.
     pub messages_in: Vec<Counter>,
+    /// Server frames, by `OutKind`.
     pub messages_out: Vec<Counter>,
+    /// Agent runs started.
     pub runs_started: Counter,
+    /// Agent runs finished, by `RunOutcome`.
     pub runs_finished: Vec<Counter>,
+    /// Agent runs in progress.
     pub runs_active: Gauge,
+    /// Agent run durations.
     pub run_duration: Histogram,
+    /// Database sessions opened.
     pub sessions_opened: Counter,
+    /// Database sessions committed.
     pub sessions_committed: Counter,
+    /// Database sessions rolled back.
     pub sessions_rolled_back: Counter,
+    /// Database sessions open now.
     pub sessions_open: Gauge,
+    /// Store latency, by `StoreOp`.
     pub store_latency: Vec<Histogram>,
+    /// Sessions per group commit.
     pub store_batch_size: Histogram,
+    /// Frames dropped at a full outbound queue.
     pub outbound_drops: Counter,
+    /// Connections closed with 4009.
     pub slow_consumer_closes: Counter,
+    /// Connections closed with 4000.
     pub heartbeat_timeouts: Counter,
+    /// Audit rows of an earlier process closed at start.
     pub audit_rows_recovered: Counter,
 }
 
@@ -295,9 +323,11 @@ impl Metrics {
         }
     }
 
+    /// Count a thread id mismatch.
     pub fn thread_mismatch(&self, source: MismatchSource) {
         self.thread_mismatches[source.index()].inc();
     }
+    /// All thread id mismatches.
     pub fn thread_mismatch_total(&self) -> u64 {
         self.thread_mismatches.iter().map(Counter::get).sum()
     }
@@ -310,36 +340,47 @@ impl Metrics {
             .unwrap_or(other);
         self.connections_closed[idx].inc();
     }
+    /// Count a per-user limit refusal.
     pub fn limit_rejection(&self, kind: LimitKind) {
         self.limit_rejections[kind.index()].inc();
     }
+    /// All per-user limit refusals.
     pub fn limit_rejection_total(&self) -> u64 {
         self.limit_rejections.iter().map(Counter::get).sum()
     }
+    /// Count a refusal before the upgrade.
     pub fn handshake_rejected(&self, r: Rejection) {
         self.handshake_rejections[r.index()].inc();
     }
+    /// Count a client frame.
     pub fn message_in(&self, k: InKind) {
         self.messages_in[k.index()].inc();
     }
+    /// All client frames.
     pub fn message_in_total(&self) -> u64 {
         self.messages_in.iter().map(Counter::get).sum()
     }
+    /// Count a server frame.
     pub fn message_out(&self, k: OutKind) {
         self.messages_out[k.index()].inc();
     }
+    /// Count `n` server frames of one kind.
     pub fn message_out_n(&self, k: OutKind, n: u64) {
         self.messages_out[k.index()].add(n);
     }
+    /// All server frames.
     pub fn message_out_total(&self) -> u64 {
         self.messages_out.iter().map(Counter::get).sum()
     }
+    /// Count a finished run.
     pub fn run_finished(&self, outcome: RunOutcome) {
         self.runs_finished[outcome.index()].inc();
     }
+    /// Runs finished with `outcome`.
     pub fn runs_finished(&self, outcome: RunOutcome) -> u64 {
         self.runs_finished[outcome.index()].get()
     }
+    /// The latency histogram of a store operation.
     pub fn store_latency(&self, op: StoreOp) -> &Histogram {
         &self.store_latency[op.index()]
     }
@@ -438,6 +479,10 @@ fn by<E: Copy>(
 }
 
 impl Family<'_> {
+    #[expect(
+        clippy::let_underscore_must_use,
+        reason = "writing to a String cannot fail"
+    )]
     fn write(&self, o: &mut String) {
         let Family(name, help, sample) = self;
         let kind = match sample {

@@ -43,7 +43,9 @@ pub enum Scope<'a> {
 /// Per-user limits (PROTOCOL.md section 7, close code 4008).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Most connections one user may hold, over all threads.
     pub max_connections_per_user: usize,
+    /// Most managers (threads with live connections) one user may hold.
     pub max_managers_per_user: usize,
 }
 
@@ -66,23 +68,38 @@ impl Default for Limits {
 /// A per-user limit was reached; the connection is refused with 4008.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
+    /// Too many connections.
     #[error("too many connections for user ({current}/{max})")]
-    Connections { current: usize, max: usize },
+    Connections {
+        /// The user's connections now.
+        current: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Too many managers.
     #[error("too many managers for user ({current}/{max})")]
-    Managers { current: usize, max: usize },
+    Managers {
+        /// The user's managers now.
+        current: usize,
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// One frame on its way to a connection. `seq` is the thread event's (0 for frames without one),
 /// so a resuming connection can drop live frames its replay already sent.
 #[derive(Debug, Clone)]
 pub struct OutFrame {
+    /// The thread event's `seq` (0 for frames without one).
     pub seq: u64,
+    /// The frame's JSON text.
     pub text: Utf8Bytes,
     /// Droppable frames (text deltas) are skipped, not fatal, when the queue is full.
     pub droppable: bool,
 }
 
 impl OutFrame {
+    /// A frame that is not droppable.
     pub fn new(seq: u64, text: impl Into<Utf8Bytes>) -> Self {
         Self {
             seq,
@@ -333,11 +350,17 @@ impl Drop for RegistryGuard {
 /// Live figures for `/api/stats` and `/metrics`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RegistryStats {
+    /// Live connections.
     pub connections: u64,
+    /// Live managers.
     pub managers: u64,
+    /// Users with at least one manager.
     pub users: u64,
+    /// The most managers one user holds.
     pub managers_per_user_max: u64,
+    /// Average managers per user with managers.
     pub managers_per_user_avg: f64,
+    /// The users with the most managers.
     pub top: Vec<UserFigures>,
 }
 
@@ -349,6 +372,7 @@ pub struct UserFigures {
 }
 
 impl Registry {
+    /// An empty registry with these limits.
     pub fn new(limits: Limits) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -360,6 +384,7 @@ impl Registry {
         }
     }
 
+    /// The per-user limits.
     pub fn limits(&self) -> Limits {
         self.inner.limits
     }
@@ -809,6 +834,11 @@ mod tests {
         assert_eq!(reg.reap(), 0);
         assert_eq!(reg.reap(), 0);
         // The connection task vanishes without running the guard's Drop.
+        #[expect(
+            clippy::mem_forget,
+            clippy::disallowed_methods,
+            reason = "a guard whose Drop never ran is what the backstop reaper is for"
+        )]
         std::mem::forget(g);
         drop(rx);
         assert_eq!(reg.reap(), 0, "first sighting only marks");

@@ -27,22 +27,32 @@ use crate::store::{SqlStore, Store, StoreError, StoreOptions};
 /// Errors that stop the server from starting or running.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The data directory could not be created.
     #[error("cannot create the data directory {path}: {source}")]
     DataDir {
+        /// The directory.
         path: String,
+        /// Why.
         source: std::io::Error,
     },
+    /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address.
         addr: SocketAddr,
+        /// Why.
         source: std::io::Error,
     },
+    /// The store could not be opened.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The JWT keys could not be loaded.
     #[error("auth: {0}")]
     Auth(#[from] AuthError),
+    /// The admin token could not be read or created.
     #[error("cannot read or create the admin token: {0}")]
     AdminToken(std::io::Error),
+    /// Any other I/O failure while serving.
     #[error("server I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -106,12 +116,14 @@ impl Server {
         Ok(Self { listener, state })
     }
 
+    /// The address the server listens on (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
             .expect("bound listener has an address")
     }
 
+    /// The state the routes share.
     pub fn state(&self) -> Arc<AppState> {
         self.state.clone()
     }
@@ -123,14 +135,17 @@ impl Server {
     ) -> Result<(), ServerError> {
         let st = self.state;
         let http_stop = CancellationToken::new();
-        let http = tokio::spawn(accept_loop(
+        // The node's own tasks, apart from the connections and runs on `st.tracker()`: they
+        // stop after those, in the order below.
+        let node_tasks = TaskTracker::new();
+        let http = node_tasks.spawn(accept_loop(
             self.listener,
             router(st.clone()),
             st.config().listen.header_read_timeout,
             http_stop.clone(),
         ));
         let hk_state = st.clone();
-        let housekeeping = tokio::spawn(async move {
+        let housekeeping = node_tasks.spawn(async move {
             let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
             tick.tick().await;
             loop {
@@ -152,7 +167,12 @@ impl Server {
         {
             tracing::warn!("grace period over: cancelling runs still in progress");
             st.cancel_runs();
-            let _ = tokio::time::timeout(Duration::from_secs(2), st.tracker().wait()).await;
+            if tokio::time::timeout(Duration::from_secs(2), st.tracker().wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("tasks still running after their runs were cancelled");
+            }
         }
         http_stop.cancel();
         if tokio::time::timeout(Duration::from_secs(3), http)
@@ -199,7 +219,9 @@ async fn accept_loop(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
         let app = app.clone();
         let svc =
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -228,13 +250,21 @@ async fn accept_loop(
     }
     drop(listener);
     conns.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), conns.wait()).await;
+    if tokio::time::timeout(Duration::from_secs(2), conns.wait())
+        .await
+        .is_err()
+    {
+        tracing::debug!("HTTP connections still finishing at exit");
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
+        // A handler that cannot be installed must not read as a signal: wait for the other.
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     };
     #[cfg(unix)]
     let term = async {

@@ -30,9 +30,13 @@ pub struct AckTo {
 /// A thread event to append; the writer assigns its `seq` and timestamp.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
+    /// The thread event's type (`user_message`, `agent_thinking`, ...).
     pub kind: &'static str,
+    /// The run the event belongs to.
     pub run_id: Option<Arc<str>>,
+    /// The client `id` the event answers.
     pub reply_to: Option<Arc<str>>,
+    /// The event's `data`.
     pub data: Value,
     /// For `user_message`: the sender (the session's connection) gets an `ack`, the user's other
     /// connections on the thread get the event.
@@ -63,25 +67,36 @@ impl Role {
 pub enum Write {
     /// Create the session's thread, owned by its user.
     CreateThread,
+    /// A thread event.
     Event(NewEvent),
+    /// A chat message (the thread's history for agents).
     Message {
+        /// The message's id.
         message_id: String,
+        /// Who wrote it.
         role: Role,
+        /// Its text.
         content: String,
+        /// The run it started or answered.
         run_id: Option<String>,
     },
     /// Record a run (of the given child context) as started.
     RunStarted {
+        /// The run's child context.
         run: UserExecutionContext,
     },
     /// Record the session's run as finished.
     RunFinished {
+        /// `completed`, `failed` or `cancelled`.
         status: &'static str,
+        /// How long the run took.
         duration_ms: u64,
+        /// The `agent_error` code, if it failed.
         error_code: Option<String>,
     },
     /// Not stored: a frame (a text delta) delivered in order with the session's thread events.
     Transient {
+        /// The frame's JSON text.
         text: String,
     },
     /// If this session fails, `gate` fails (staged by the session that stores a user message).
@@ -140,6 +155,7 @@ pub struct SessionFactory {
 }
 
 impl SessionFactory {
+    /// Sessions on `store`.
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self { store }
     }
@@ -156,6 +172,7 @@ impl SessionFactory {
         }
     }
 
+    /// The store sessions commit to.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
@@ -180,13 +197,15 @@ impl std::fmt::Debug for DbSession {
 }
 
 /// The outcome of a submitted session: the `seq`s of its events, once committed.
-pub type CommitReceipt = oneshot::Receiver<Result<Vec<u64>, StoreError>>;
+pub(crate) type CommitReceipt = oneshot::Receiver<Result<Vec<u64>, StoreError>>;
 
 impl DbSession {
+    /// The context this session belongs to.
     pub fn context(&self) -> &UserExecutionContext {
         &self.ctx
     }
 
+    /// Stage a write; nothing is written before `commit` or `submit`.
     pub fn stage(&mut self, write: Write) -> &mut Self {
         self.writes.push(write);
         self

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
-use tether::auth::Auth;
-use tether::config::Secret;
-use tether::context::validate_user_id;
 use tether::ids;
 use tether::protocol::{
     parse_client_frame, ClientFrame, ClientRequest, ErrorCode, DEFAULT_HISTORY_LIMIT,
     MAX_CLIENT_ID_BYTES, MAX_HISTORY_LIMIT,
 };
+use tether::testing::validate_user_id;
+use tether::Auth;
+use tether::Secret;
 
 // ---------------------------------------------------------------------------------------------
 // Generators.

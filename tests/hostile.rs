@@ -86,7 +86,7 @@ async fn scene() -> Scene {
     scene_with(|_| {}).await
 }
 
-async fn scene_with(f: impl FnOnce(&mut tether::config::Config)) -> Scene {
+async fn scene_with(f: impl FnOnce(&mut tether::Config)) -> Scene {
     watch_panics();
     let app = spawn_with(f).await;
     let (bob, _) = app.connect("bob").await;

@@ -28,7 +28,7 @@ fn pg_url() -> Option<String> {
 /// A node on `url`, with a node id of its own.
 async fn spawn_on(url: &str) -> TestApp {
     spawn_with(|c| {
-        c.store.database_url = Some(tether::config::Secret::new(url.to_string()));
+        c.store.database_url = Some(tether::Secret::new(url.to_string()));
         c.cluster.node_id = tether::ids::connection_id();
     })
     .await
@@ -96,7 +96,7 @@ async fn nodes_starting_together_on_an_older_schema_all_start_on_postgres() {
     for sql in [
         format!(
             "SELECT pg_advisory_xact_lock({})",
-            tether::store::SCHEMA_LOCK
+            tether::testing::SCHEMA_LOCK
         ),
         "DROP INDEX IF EXISTS threads_of_user".into(),
         "CREATE INDEX IF NOT EXISTS threads_by_user ON threads (user_id, updated_at)".into(),

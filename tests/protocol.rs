@@ -645,7 +645,7 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_others_are
     while app
         .state
         .registry()
-        .connection_count(tether::registry::Scope::User("stalled"))
+        .connection_count(tether::Scope::User("stalled"))
         > 0
     {
         assert!(published < 2000, "never closed as a slow consumer");
@@ -657,7 +657,7 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_others_are
             .unwrap();
         published += 1;
     }
-    assert!(tether::metrics::metrics().slow_consumer_closes.get() >= 1);
+    assert!(tether::metrics().slow_consumer_closes.get() >= 1);
     // Bob is served as before.
     bob.send_json(&json!({"type": "ping", "id": "still"}))
         .await

@@ -38,22 +38,27 @@ use crate::protocol::{self, FrameMeta};
 use crate::session::{CommitReceipt, Gate, NewEvent, Role, SessionFactory, Write};
 use crate::store::StoreError;
 
-pub use runs::{ActiveRuns, RunGuard};
+pub(crate) use runs::ActiveRuns;
 
 /// Why a run ended without a reply. `code` is the `agent_error` code on the wire.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AgentError {
+    /// The user (or shutdown) cancelled the run.
     #[error("run cancelled")]
     Cancelled,
+    /// The run took longer than `TETHER_RUN_TIMEOUT_MS`.
     #[error("run timed out after {0:?}")]
     Timeout(Duration),
+    /// The agent failed; the text is shown to the user.
     #[error("agent failed: {0}")]
     Failed(String),
+    /// A session of the run could not be stored.
     #[error("store failed: {0}")]
     Store(#[from] StoreError),
 }
 
 impl AgentError {
+    /// The `agent_error` code on the wire.
     pub fn code(&self) -> &'static str {
         match self {
             AgentError::Cancelled => "cancelled",
@@ -102,6 +107,7 @@ pub trait Agent: Send + Sync + 'static {
     /// The name shown in `agent_started`.
     fn name(&self) -> &str;
 
+    /// Run once for one user message: emit through `sink`, return the whole reply text.
     async fn run(&self, input: &RunInput, sink: &mut EventSink) -> Result<String, AgentError>;
 }
 
@@ -131,6 +137,7 @@ impl EventSink {
         }
     }
 
+    /// The run's child context (same user and thread as the connection).
     pub fn context(&self) -> &UserExecutionContext {
         &self.ctx
     }
@@ -260,7 +267,7 @@ impl Flusher {
 /// Run an agent for one user message, from `agent_started` to exactly one of
 /// `agent_completed` / `agent_error`. `ctx` is the run's child context (its row was written with
 /// the user message).
-pub async fn drive_run(
+pub(crate) async fn drive_run(
     agent: Arc<dyn Agent>,
     factory: SessionFactory,
     ctx: UserExecutionContext,
@@ -365,6 +372,7 @@ pub async fn drive_run(
 /// The built-in demo agent. Not an AI: it says so, runs a real word-count tool on the message
 /// and echoes it. `delay` paces its steps so a person can watch them (0 for benchmarks).
 pub struct DemoAgent {
+    /// Pause between the demo's steps (`TETHER_AGENT_DELAY_MS`).
     pub delay: Duration,
 }
 
@@ -377,12 +385,12 @@ impl DemoAgent {
 }
 
 /// The demo agent's tool: words and characters of a text.
-pub fn word_count(text: &str) -> Value {
+pub(crate) fn word_count(text: &str) -> Value {
     json!({ "words": text.split_whitespace().count(), "characters": text.chars().count() })
 }
 
 /// The demo agent's reply to `content`, given its word count (`word_count`'s output).
-pub fn demo_reply(content: &str, count: &Value) -> String {
+pub(crate) fn demo_reply(content: &str, count: &Value) -> String {
     let words = count["words"].as_u64().unwrap_or(0);
     let chars = count["characters"].as_u64().unwrap_or(0);
     format!(
@@ -393,7 +401,7 @@ pub fn demo_reply(content: &str, count: &Value) -> String {
 }
 
 /// `text` cut in two at its middle character (the demo's two text deltas).
-pub fn halves(text: &str) -> (&str, &str) {
+pub(crate) fn halves(text: &str) -> (&str, &str) {
     let cut = text
         .char_indices()
         .nth(text.chars().count() / 2)

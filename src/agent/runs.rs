@@ -13,7 +13,7 @@ use crate::context::{IsolationKey, UserExecutionContext};
 
 /// Runs in progress on this node, by run id.
 #[derive(Debug, Default)]
-pub struct ActiveRuns {
+pub(crate) struct ActiveRuns {
     runs: DashMap<String, RunEntry>,
 }
 
@@ -26,7 +26,7 @@ struct RunEntry {
 impl ActiveRuns {
     /// Enter the run of `run_ctx`, cancelled through `cancel`; the guard removes it.
     #[must_use = "the run is removed when the guard drops"]
-    pub fn insert(
+    pub(crate) fn insert(
         self: &Arc<Self>,
         run_ctx: &UserExecutionContext,
         cancel: CancellationToken,
@@ -47,28 +47,18 @@ impl ActiveRuns {
 
     /// Cancel run `run_id` if it is in progress on the (user, thread) of `key`. Returns whether
     /// it was.
-    pub fn cancel(&self, run_id: &str, key: &IsolationKey) -> bool {
+    pub(crate) fn cancel(&self, run_id: &str, key: &IsolationKey) -> bool {
         self.runs
             .get(run_id)
             .filter(|r| &r.key == key)
             .map(|r| r.cancel.cancel())
             .is_some()
     }
-
-    /// Runs in progress.
-    pub fn len(&self) -> usize {
-        self.runs.len()
-    }
-
-    /// Whether no run is in progress.
-    pub fn is_empty(&self) -> bool {
-        self.runs.is_empty()
-    }
 }
 
 /// Removes a run from [`ActiveRuns`] when the run task ends, however it ends.
 #[derive(Debug)]
-pub struct RunGuard {
+pub(crate) struct RunGuard {
     runs: Arc<ActiveRuns>,
     run_id: String,
 }
@@ -110,7 +100,7 @@ mod tests {
         assert!(runs.cancel(run.run_id(), conn.isolation_key()));
         assert!(cancel.is_cancelled());
         drop(guard);
-        assert!(runs.is_empty());
+        assert!(runs.runs.is_empty());
         assert!(
             !runs.cancel(run.run_id(), conn.isolation_key()),
             "gone with its guard"

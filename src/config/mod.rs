@@ -12,7 +12,7 @@ mod secret;
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -325,7 +325,8 @@ impl Default for Config {
 impl Config {
     /// Defaults for tests and embedding: loopback port 0, a fixed JWT secret and admin token,
     /// no connect-rate limit, no agent delay, SQLite `NORMAL`, a 5 s shutdown grace.
-    pub fn for_tests(data_dir: &Path) -> Self {
+    #[cfg(any(test, feature = "testing"))]
+    pub fn for_tests(data_dir: &std::path::Path) -> Self {
         let mut c = Self::default();
         c.listen.addr = "127.0.0.1:0".parse().expect("valid address");
         c.listen.shutdown_grace = Duration::from_secs(5);
@@ -383,7 +384,7 @@ mod tests {
 
     #[test]
     fn a_config_never_prints_its_secrets() {
-        let mut c = Config::for_tests(Path::new("/tmp/x"));
+        let mut c = Config::for_tests(std::path::Path::new("/tmp/x"));
         c.store.database_url = Some(Secret::new("postgres://u:pw@h/db"));
         let dbg = format!("{c:?}");
         assert!(

@@ -75,6 +75,6 @@ mod tests {
         let b = load_or_create(&path).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.expose().len(), 64);
-        let _ = std::fs::remove_dir_all(dir);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -216,7 +216,7 @@ impl AppState {
 }
 
 /// All routes.
-pub fn router(state: Arc<AppState>) -> Router {
+pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(ops::dashboard))
         .route("/chat", get(ops::chat))

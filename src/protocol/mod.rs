@@ -19,6 +19,7 @@ pub const PROTOCOL: &str = "tether.v1";
 pub const MAX_CLIENT_ID_BYTES: usize = 128;
 /// Default and largest `limit` of `get_history` and the events API.
 pub const DEFAULT_HISTORY_LIMIT: u32 = 100;
+/// Largest `limit` of `get_history` and the events API.
 pub const MAX_HISTORY_LIMIT: u32 = 1000;
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-29T16:20:01.123Z`.
@@ -50,12 +51,19 @@ pub fn now_rfc3339() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
+    /// The frame is not JSON.
     InvalidJson,
+    /// The frame is JSON but not a valid message.
     InvalidMessage,
+    /// The `type` is not one the protocol knows.
     UnknownType,
+    /// The frame names another thread than the connection's.
     ThreadMismatch,
+    /// Over the message rate.
     RateLimited,
+    /// No run with this id is active on this thread.
     UnknownRun,
+    /// The server failed.
     Internal,
 }
 
@@ -92,9 +100,13 @@ struct Envelope<'a, D: Serialize + ?Sized> {
 /// The envelope fields of a server frame other than its type and data.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FrameMeta<'a> {
+    /// The thread the frame belongs to.
     pub thread_id: Option<&'a str>,
+    /// The run the frame belongs to.
     pub run_id: Option<&'a str>,
+    /// The thread event's sequence number.
     pub seq: Option<u64>,
+    /// The client `id` this frame answers.
     pub reply_to: Option<&'a str>,
     /// Unix ms of the frame; `None` means now.
     pub ts_ms: Option<u64>,
@@ -149,6 +161,11 @@ pub struct PreparedFrame {
 }
 
 impl PreparedFrame {
+    /// Serialize `data` once, for a frame whose `seq` and `ts` are set at commit.
+    #[expect(
+        clippy::let_underscore_must_use,
+        reason = "writing to a String cannot fail"
+    )]
     pub fn new<D: Serialize + ?Sized>(
         kind: &str,
         thread_id: Option<&str>,
@@ -184,6 +201,10 @@ impl PreparedFrame {
     }
 
     /// The frame with its `seq` and time (`ts` as [`rfc3339_ms`] formats it).
+    #[expect(
+        clippy::let_underscore_must_use,
+        reason = "writing to a String cannot fail"
+    )]
     pub fn finish(&self, seq: u64, ts: &str) -> String {
         use std::fmt::Write as _;
         let mut out = String::with_capacity(self.text.len() + ts.len() + 28);
@@ -202,8 +223,11 @@ impl PreparedFrame {
 /// `json!` form; the test below fails if either changes.
 #[derive(Debug, Serialize)]
 pub struct AckData<'a> {
+    /// The stored user message's id.
     pub message_id: &'a str,
+    /// The run the message started.
     pub run_id: &'a str,
+    /// The `seq` of the `user_message` event.
     pub seq: u64,
 }
 
@@ -265,14 +289,21 @@ pub fn history_frame(
 pub enum ClientRequest {
     /// `user_message`, `chat` or `start_agent`.
     UserMessage {
+        /// The message text.
         content: String,
     },
+    /// A `ping`: the server answers `pong`.
     Ping,
+    /// A page of the thread's stored events.
     GetHistory {
+        /// Events with a `seq` above this.
         since: u64,
+        /// At most this many.
         limit: u32,
     },
+    /// Cancel a run of this thread.
     CancelRun {
+        /// The run to cancel.
         run_id: String,
     },
 }
@@ -280,8 +311,11 @@ pub enum ClientRequest {
 /// A parsed client frame: the request plus its envelope fields.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClientFrame {
+    /// The client's correlation id, echoed as `reply_to`.
     pub id: Option<String>,
+    /// The thread the client names, if any.
     pub thread_id: Option<String>,
+    /// What the client asks for.
     pub request: ClientRequest,
 }
 
@@ -289,8 +323,11 @@ pub struct ClientFrame {
 /// `error` frame can echo it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FrameError {
+    /// The `error` frame's code.
     pub code: ErrorCode,
+    /// What is wrong, for people.
     pub message: String,
+    /// The client's correlation id, if it could be read.
     pub id: Option<String>,
 }
 
@@ -582,7 +619,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn parse_client_frame_never_panics(s in "\\PC{0,200}") {
-            let _ = parse_client_frame(&s);
+            let _any_outcome = parse_client_frame(&s);
         }
 
         #[test]
@@ -592,7 +629,7 @@ mod tests {
             val in "(\"[a-z]{0,5}\"|-?[0-9]{1,25}|null|true|\\[\\]|\\{\\}|1e999)",
         ) {
             let text = format!(r#"{{"type":"{kind}","id":"c","data":{{"{key}":{val}}}}}"#);
-            let _ = parse_client_frame(&text);
+            let _any_outcome = parse_client_frame(&text);
         }
     }
 }

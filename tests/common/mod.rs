@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tether::client::{Client, ConnectOptions};
-use tether::config::Config;
-use tether::gateway::AppState;
-use tether::server::Server;
+use tether::AppState;
+use tether::Config;
+use tether::Server;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 

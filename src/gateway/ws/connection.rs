@@ -138,11 +138,14 @@ impl Connection {
             Box::pin(conn.close(reason)).await;
         } else if let End::ClientClosed(..) = end {
             // Complete the close handshake (tungstenite queued the echo).
-            let _ = Box::pin(tokio::time::timeout(
+            let echoed = Box::pin(tokio::time::timeout(
                 Duration::from_secs(1),
                 conn.sink.close(),
             ))
             .await;
+            if !matches!(echoed, Ok(Ok(()))) {
+                tracing::debug!("close echo not written");
+            }
         }
         let (code, reason) = end.recorded();
         tracing::info!(code, reason = %reason, "connection closed");
@@ -187,11 +190,14 @@ impl Connection {
             code: reason.code(),
             reason: reason.reason().into(),
         };
-        let _ = tokio::time::timeout(
+        let sent = tokio::time::timeout(
             Duration::from_secs(1),
             self.sink.send(Message::Close(Some(frame))),
         )
         .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            tracing::debug!("close frame not written");
+        }
     }
 
     /// Send one frame. A write that cannot finish within [`WRITE_STALL`] means the peer stopped

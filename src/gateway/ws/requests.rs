@@ -221,7 +221,8 @@ impl Connection {
                     st.registry
                         .deliver_to(run_ctx.isolation_key(), &conn_id, OutFrame::new(0, text));
                 };
-                let _ = tokio::join!(watch, run);
+                // The run reported its own outcome (its terminal event, metrics and log).
+                let ((), _outcome) = tokio::join!(watch, run);
             }
             .instrument(span),
         );
