@@ -220,7 +220,7 @@ impl UserExecutionContext {
     }
 
     /// A child context for an agent run: same user, thread and connection; a new run id and
-    /// request id (operation `agent_run`). Depth is limited to [`MAX_CONTEXT_DEPTH`].
+    /// request id (operation `agent_run`). Depth is limited (8 levels).
     pub fn child(&self) -> Result<Self, ContextError> {
         let depth = self.inner.depth + 1;
         if depth > MAX_CONTEXT_DEPTH {

@@ -17,7 +17,7 @@
 //! the same counter still differ with overwhelming probability, and ids cannot be guessed.
 //!
 //! This module owns formatting and parsing only. Which id a connection gets is decided in
-//! [`crate::context`], the only place that calls [`generate_user_context_ids`].
+//! the `context` module, the only place that calls [`generate_user_context_ids`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};

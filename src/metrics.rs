@@ -386,7 +386,7 @@ impl Metrics {
     }
 
     /// Render every metric, plus the live gauges the caller reads from the registry and store,
-    /// in the Prometheus text format: one [`Family`] row per metric, in this order.
+    /// in the Prometheus text format: one `Family` row per metric, in this order.
     pub fn render(&self, live: &LiveGauges) -> String {
         use Sample::{Counter as C, Counters, Gauge as G, Histogram as H, Histograms};
         let families = [

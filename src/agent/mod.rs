@@ -111,7 +111,7 @@ pub trait Agent: Send + Sync + 'static {
     async fn run(&self, input: &RunInput, sink: &mut EventSink) -> Result<String, AgentError>;
 }
 
-/// Where an agent puts its run's events. They are staged, and [`drive_run`] submits what was
+/// Where an agent puts its run's events. They are staged, and the run's driver submits what was
 /// staged as one session of the run's context each time the agent waits (its future returns
 /// `Pending`) and when it ends: an agent that streams as it works has each step stored and
 /// delivered before it waits for the next, and steps taken without waiting share a session.

@@ -46,7 +46,7 @@ use ws::ConnectRate;
 /// Everything the routes and connection tasks share; one per node.
 ///
 /// Its fields are private: the gateway's handlers read them directly, the rest of the crate
-/// (assembly and shutdown in [`crate::server`]) and the tests go through the methods, so what
+/// (assembly and shutdown in `server`) and the tests go through the methods, so what
 /// can change the state from outside is listed here.
 pub struct AppState {
     /// The node's configuration, parsed once at start.
