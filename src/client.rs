@@ -207,9 +207,10 @@ impl Client {
                         .map_err(|e| ClientError::BadFrame(e.to_string()))
                 }
                 Some(Ok(Message::Close(f))) => {
-                    self.close = Some(f.map_or((1005, String::new()), |f| {
-                        (u16::from(f.code), f.reason.to_string())
-                    }));
+                    self.close = Some(f.map_or(
+                        (crate::protocol::CloseCode::NoStatus.as_u16(), String::new()),
+                        |f| (u16::from(f.code), f.reason.to_string()),
+                    ));
                     return Err(ClientError::Closed(self.close.clone()));
                 }
                 Some(Ok(_)) => continue,
