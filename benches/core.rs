@@ -12,7 +12,7 @@ use tether::ids;
 use tether::protocol::{self, FrameMeta};
 use tether::LocalBroker;
 use tether::{ConnHandle, Limits, OutFrame, Registry};
-use tether::{NewEvent, SessionFactory, Write};
+use tether::{NewEvent, SessionFactory, StagedWrite};
 use tether::{SqlStore, StoreOptions};
 use tether::{ThreadChoice, UserExecutionContext};
 
@@ -168,7 +168,7 @@ fn store_commit(c: &mut Criterion) {
     rt.block_on(async {
         for c in &contexts {
             let mut s = sessions.create_session_from_context(c);
-            s.stage(Write::CreateThread);
+            s.stage(StagedWrite::CreateThread);
             s.commit().await.unwrap();
         }
     });
@@ -176,7 +176,7 @@ fn store_commit(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.measurement_time(Duration::from_secs(8));
     let event = |i: u64| {
-        Write::Event(NewEvent {
+        StagedWrite::Event(NewEvent {
             kind: "agent_thinking",
             run_id: None,
             reply_to: None,

@@ -67,5 +67,5 @@ pub use registry::{
     ConnHandle, LimitError, Limits, OutFrame, Registry, RegistryGuard, RegistryStats, Scope,
 };
 pub use server::{shutdown_signal, Server, ServerError};
-pub use session::{DbSession, NewEvent, SessionFactory, Write};
+pub use session::{DbSession, NewEvent, SessionFactory, StagedWrite};
 pub use store::{EventPage, SqlStore, Store, StoreError, StoreOptions, ThreadSummary};

@@ -62,9 +62,13 @@ impl Role {
     }
 }
 
-/// One staged write.
+/// The old name, for the store until its split lands.
+pub(crate) use StagedWrite as Write;
+
+/// One write staged in a [`DbSession`], stored when the session commits (named apart from
+/// `std::io::Write`, which it would shadow).
 #[derive(Debug, Clone)]
-pub enum Write {
+pub enum StagedWrite {
     /// Create the session's thread, owned by its user.
     CreateThread,
     /// A thread event.
@@ -183,7 +187,7 @@ impl SessionFactory {
 pub struct DbSession {
     ctx: UserExecutionContext,
     store: Arc<dyn Store>,
-    writes: Vec<Write>,
+    writes: Vec<StagedWrite>,
     finished: bool,
 }
 
@@ -206,7 +210,7 @@ impl DbSession {
     }
 
     /// Stage a write; nothing is written before `commit` or `submit`.
-    pub fn stage(&mut self, write: Write) -> &mut Self {
+    pub fn stage(&mut self, write: StagedWrite) -> &mut Self {
         self.writes.push(write);
         self
     }

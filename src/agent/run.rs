@@ -15,7 +15,7 @@ use super::sink::Staged;
 use super::{Agent, AgentError, EventSink, RunInput};
 use crate::context::UserExecutionContext;
 use crate::metrics::{metrics, RunOutcome};
-use crate::session::{CommitReceipt, Gate, Role, SessionFactory, Write};
+use crate::session::{CommitReceipt, Gate, Role, SessionFactory, StagedWrite};
 use crate::store::StoreError;
 
 /// Submits what the sink staged, as sessions of the run's context, and remembers their receipts.
@@ -44,7 +44,7 @@ impl Flusher {
         }
         let mut session = self.factory.create_session_from_context(&self.ctx);
         if let Some(gate) = &self.after {
-            session.stage(Write::Requires(gate.clone()));
+            session.stage(StagedWrite::Requires(gate.clone()));
         }
         for w in writes {
             session.stage(w);
@@ -129,7 +129,7 @@ pub(crate) async fn drive_run(
         let duration_ms = started.elapsed().as_millis() as u64;
         let final_writes = match &result {
             Ok(reply) => vec![
-                Write::Message {
+                StagedWrite::Message {
                     message_id: sink.reply_message_id.clone(),
                     role: Role::Agent,
                     content: reply.clone(),
@@ -139,7 +139,7 @@ pub(crate) async fn drive_run(
                     "agent_completed",
                     json!({ "message_id": sink.reply_message_id, "content": reply, "duration_ms": duration_ms }),
                 ),
-                Write::RunFinished {
+                StagedWrite::RunFinished {
                     status: "completed",
                     duration_ms,
                     error_code: None,
@@ -147,7 +147,7 @@ pub(crate) async fn drive_run(
             ],
             Err(e) => vec![
                 sink.event("agent_error", json!({ "code": e.code(), "message": e.public_message() })),
-                Write::RunFinished {
+                StagedWrite::RunFinished {
                     status: if matches!(e, AgentError::Cancelled) { "cancelled" } else { "failed" },
                     duration_ms,
                     error_code: Some(e.code().to_string()),

@@ -14,7 +14,7 @@ use super::AgentError;
 use crate::context::UserExecutionContext;
 use crate::ids;
 use crate::protocol::{self, FrameMeta};
-use crate::session::{NewEvent, Write};
+use crate::session::{NewEvent, StagedWrite};
 
 /// Where an agent puts its run's events. They are staged, and the run's driver submits what was
 /// staged as one session of the run's context each time the agent waits (its future returns
@@ -29,7 +29,7 @@ pub struct EventSink {
 }
 
 /// Writes staged by the sink, taken by the run's flusher.
-pub(super) type Staged = Arc<std::sync::Mutex<Vec<Write>>>;
+pub(super) type Staged = Arc<std::sync::Mutex<Vec<StagedWrite>>>;
 
 impl EventSink {
     pub(super) fn new(ctx: UserExecutionContext, reply_to: Option<Arc<str>>) -> Self {
@@ -47,8 +47,8 @@ impl EventSink {
         &self.ctx
     }
 
-    pub(super) fn event(&self, kind: &'static str, data: Value) -> Write {
-        Write::Event(NewEvent {
+    pub(super) fn event(&self, kind: &'static str, data: Value) -> StagedWrite {
+        StagedWrite::Event(NewEvent {
             kind,
             run_id: Some(self.ctx.run_id().into()),
             reply_to: self.reply_to.clone(),
@@ -58,7 +58,7 @@ impl EventSink {
         })
     }
 
-    pub(super) fn stage(&self, writes: impl IntoIterator<Item = Write>) {
+    pub(super) fn stage(&self, writes: impl IntoIterator<Item = StagedWrite>) {
         // Never held across an await; a panic elsewhere cannot leave the Vec inconsistent.
         let mut staged = self.staged.lock().unwrap_or_else(|p| p.into_inner());
         staged.extend(writes);
@@ -111,7 +111,7 @@ impl EventSink {
             &json!({ "message_id": self.reply_message_id, "offset": self.delta_offset, "delta": delta }),
         );
         self.delta_offset += delta.chars().count();
-        self.stage([Write::Transient { text }]);
+        self.stage([StagedWrite::Transient { text }]);
         Ok(())
     }
 }

@@ -21,7 +21,7 @@ use crate::gateway::AppState;
 use crate::metrics::{metrics, OutKind};
 use crate::protocol::{self, CloseCode, CloseReason, ErrorCode, FrameMeta};
 use crate::registry::{ConnHandle, ConnShared, OutFrame, OutQueue, RegistryGuard};
-use crate::session::Write;
+use crate::session::StagedWrite;
 use crate::store::Store;
 
 /// How long one write may block before the peer counts as stalled.
@@ -163,7 +163,7 @@ impl Connection {
     async fn open_rows(&mut self) -> Option<AuditGuard> {
         if !self.ctx.resumed() {
             let mut session = self.st.sessions.create_session_from_context(&self.ctx);
-            session.stage(Write::CreateThread);
+            session.stage(StagedWrite::CreateThread);
             if let Err(e) = Box::pin(session.commit()).await {
                 tracing::error!(error = %e, "cannot create the thread");
                 metrics().connection_closed(CloseCode::Internal.as_u16());

@@ -15,7 +15,7 @@ use crate::ids;
 use crate::metrics::{metrics, InKind, MismatchSource, OutKind};
 use crate::protocol::{self, ClientRequest, ErrorCode};
 use crate::registry::OutFrame;
-use crate::session::{AckTo, Gate, NewEvent, Role, Write};
+use crate::session::{AckTo, Gate, NewEvent, Role, StagedWrite};
 
 impl Connection {
     /// A text frame from the client.
@@ -146,7 +146,7 @@ impl Connection {
         let gate = Gate::new(&self.ctx);
         let mut session = self.st.sessions.create_session_from_context(&self.ctx);
         session
-            .stage(Write::Event(NewEvent {
+            .stage(StagedWrite::Event(NewEvent {
                 kind: "user_message",
                 run_id: None,
                 reply_to: reply_to.clone(),
@@ -157,14 +157,14 @@ impl Connection {
                 }),
                 prepared: None,
             }))
-            .stage(Write::Message {
+            .stage(StagedWrite::Message {
                 message_id: message_id.clone(),
                 role: Role::User,
                 content: content.clone(),
                 run_id: Some(run_ctx.run_id().to_string()),
             })
-            .stage(Write::RunStarted { run: run_ctx.clone() })
-            .stage(Write::Opens(gate.clone()));
+            .stage(StagedWrite::RunStarted { run: run_ctx.clone() })
+            .stage(StagedWrite::Opens(gate.clone()));
         let receipt = match session.submit().await {
             Ok(r) => r,
             Err(e) => {
