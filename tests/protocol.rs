@@ -2,11 +2,11 @@
 
 mod common;
 
-use std::time::Duration;
-
+use common::raw::{upgrade_request, Raw};
 use common::*;
 use serde_json::{json, Value};
-use tether::client::{Client, ClientError, ConnectOptions};
+use tether::client::{ClientError, ConnectOptions};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
 fn is_id(v: &Value, prefix: &str) -> bool {
@@ -174,7 +174,6 @@ async fn history_and_events_api_return_stored_events() {
     assert_eq!(h["data"]["last_seq"], 6);
     assert_eq!(seqs(h["data"]["events"].as_array().unwrap()), vec![3, 4, 5]);
 
-    let http = reqwest::Client::new();
     let body: Value = get_json(
         &app.http(&format!("/api/threads/{thread}/events?since=1")),
         &app.token("alice"),
@@ -188,12 +187,11 @@ async fn history_and_events_api_return_stored_events() {
     );
     assert_eq!(body["events"][0]["type"], "agent_started");
 
-    let res = http
-        .get(app.http(&format!("/api/threads/{thread}/events")))
-        .bearer_auth(app.token("bob"))
-        .send()
-        .await
-        .unwrap();
+    let res = get(
+        &app.http(&format!("/api/threads/{thread}/events")),
+        &app.token("bob"),
+    )
+    .await;
     assert_eq!(res.status(), 403);
     let err: Value = res.json().await.unwrap();
     assert_eq!(err["error"]["code"], "forbidden_thread");
@@ -203,70 +201,46 @@ async fn history_and_events_api_return_stored_events() {
     assert_eq!(threads["threads"][0]["last_seq"], 6);
 }
 
-async fn refused(app: &TestApp, opts: ConnectOptions) -> (u16, Value) {
-    match Client::connect(&app.ws_base(), &opts).await {
-        Err(ClientError::Ws(tether::client::WsError::Http(resp))) => {
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| serde_json::from_slice(b).unwrap())
-                .unwrap_or(Value::Null);
-            (resp.status().as_u16(), body)
-        }
-        Err(e) => panic!("unexpected error {e}"),
-        Ok(_) => panic!("connection was accepted"),
-    }
-}
-
 #[tokio::test]
 async fn handshake_refusals_are_plain_http_with_json_errors() {
     let app = spawn_app().await;
-    let (status, body) = refused(&app, ConnectOptions::default()).await;
+    let (status, body) = app.refused(ConnectOptions::default()).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (401, Some("unauthorized"))
     );
-    let (status, _) = refused(
-        &app,
-        ConnectOptions {
-            token: Some("garbage".into()),
-            ..Default::default()
-        },
-    )
-    .await;
+    let (status, _) = app.refused(bearer("garbage")).await;
     assert_eq!(status, 401);
 
     let (_c, est) = app.connect("alice").await;
     let thread = est["data"]["thread_id"].as_str().unwrap();
     let bob = |thread: &str| ConnectOptions {
-        token: Some(app.token("bob")),
         thread_id: Some(thread.into()),
-        ..Default::default()
+        ..app.as_user("bob")
     };
-    let (status, body) = refused(&app, bob(thread)).await;
+    let (status, body) = app.refused(bob(thread)).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (403, Some("forbidden_thread"))
     );
     // A thread that does not exist gets the same answer.
-    let (status2, body2) = refused(&app, bob("thread_websocket_session_1_1_00000000")).await;
+    let (status2, body2) = app
+        .refused(bob("thread_websocket_session_1_1_00000000"))
+        .await;
     assert_eq!(
         (status2, &body2["error"]["code"]),
         (403, &body["error"]["code"])
     );
-    let (status, _) = refused(&app, bob("nonsense")).await;
+    let (status, _) = app.refused(bob("nonsense")).await;
     assert_eq!(status, 403);
 
-    let (status, body) = refused(
-        &app,
-        ConnectOptions {
-            token: Some(app.token("alice")),
+    let (status, body) = app
+        .refused(ConnectOptions {
             thread_id: Some(thread.into()),
             query: Some("since=-1".into()),
-            ..Default::default()
-        },
-    )
-    .await;
+            ..app.as_user("alice")
+        })
+        .await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (400, Some("invalid_request"))
@@ -284,11 +258,7 @@ async fn tokens_work_from_subprotocol_query_and_single_use_tickets() {
     let (_c, est) = app.connect_opts(opts).await;
     assert_eq!(est["data"]["user_id"], "alice");
 
-    let opts = ConnectOptions {
-        query: Some(format!("token={}", app.token("carol"))),
-        ..Default::default()
-    };
-    let (_c, est) = app.connect_opts(opts).await;
+    let (_c, est) = app.connect_opts(query_token(app.token("carol"))).await;
     assert_eq!(est["data"]["user_id"], "carol");
 
     let http = reqwest::Client::new();
@@ -309,7 +279,7 @@ async fn tokens_work_from_subprotocol_query_and_single_use_tickets() {
     };
     let (_c, est) = app.connect_opts(opts.clone()).await;
     assert_eq!(est["data"]["user_id"], "dave");
-    let (status, _) = refused(&app, opts).await;
+    let (status, _) = app.refused(opts).await;
     assert_eq!(status, 401, "a ticket works once");
 
     // The Authorization header decides over a query token.
@@ -318,7 +288,7 @@ async fn tokens_work_from_subprotocol_query_and_single_use_tickets() {
         query: Some(format!("token={}", app.token("erin"))),
         ..Default::default()
     };
-    assert_eq!(refused(&app, opts).await.0, 401);
+    assert_eq!(app.refused(opts).await.0, 401);
 }
 
 #[tokio::test]
@@ -387,15 +357,7 @@ async fn per_user_limits_close_new_connections_with_4008_and_spare_existing_ones
     let thread = est["data"]["thread_id"].as_str().unwrap().to_string();
     let (_b, _) = app.connect("alice").await;
     // A third thread needs a third manager.
-    let mut c = Client::connect(
-        &app.ws_base(),
-        &ConnectOptions {
-            token: Some(app.token("alice")),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut c = app.upgrade(&app.as_user("alice")).await;
     let (code, reason) = c.closed(T).await.unwrap();
     assert_eq!(
         (code, reason.as_str()),
@@ -403,16 +365,12 @@ async fn per_user_limits_close_new_connections_with_4008_and_spare_existing_ones
     );
     // A tab on an existing thread is fine, then the connection limit hits.
     let (_t, _) = app.connect_thread("alice", &thread, None).await;
-    let mut d = Client::connect(
-        &app.ws_base(),
-        &ConnectOptions {
-            token: Some(app.token("alice")),
+    let mut d = app
+        .upgrade(&ConnectOptions {
             thread_id: Some(thread.clone()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+            ..app.as_user("alice")
+        })
+        .await;
     let (code, reason) = d.closed(T).await.unwrap();
     assert_eq!(
         (code, reason.as_str()),
@@ -467,32 +425,10 @@ async fn a_client_that_never_answers_pings_is_closed_with_4000() {
     .await;
     // A raw client that reads but never answers pings (tungstenite answers automatically, so
     // read through a plain TCP socket).
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let req = app.raw_upgrade_request("alice");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let deadline = tokio::time::Instant::now() + T;
-    // Read until the close frame (opcode 0x8) with code 4000 appears.
-    loop {
-        let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout_at(deadline, s.read(&mut chunk))
-            .await
-            .expect("in time")
-            .unwrap();
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(pos) = buf.windows(2).position(|w| w[0] == 0x88 && w.len() == 2) {
-            if buf.len() >= pos + 4 {
-                let code = u16::from_be_bytes([buf[pos + 2], buf[pos + 3]]);
-                assert_eq!(code, 4000);
-                return;
-            }
-        }
-    }
-    panic!("no 4000 close frame");
+    let mut raw = Raw::connect(&app, "alice").await;
+    // Read until the close frame, past the unanswered pings.
+    let ((code, _), _) = raw.closed().await;
+    assert_eq!(code, 4000);
 }
 
 #[tokio::test]
@@ -621,7 +557,6 @@ async fn events_survive_a_restart() {
     assert_eq!(replayed[0]["data"]["content"], "remember me");
     let live = chat(&mut r, "b", "after restart").await;
     assert_eq!(seqs(&live)[0], 7);
-    let _ = Duration::ZERO;
 }
 
 #[tokio::test]
@@ -632,8 +567,7 @@ async fn a_client_that_stops_reading_is_closed_as_a_slow_consumer_and_others_are
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let mut stalled = sock.connect(app.addr).await.unwrap();
-    use tokio::io::AsyncWriteExt;
-    let req = app.raw_upgrade_request("stalled");
+    let req = upgrade_request(&app, &format!("token={}", app.token("stalled")));
     stalled.write_all(req.as_bytes()).await.unwrap();
     let (mut bob, _) = app.connect("bob").await;
     app.wait_stats("the stalled client registered", |s| s["connections"] == 2)
@@ -671,24 +605,10 @@ async fn the_per_ip_connection_rate_answers_429() {
     let app = spawn_with(|c| c.limits.connect_rate_per_ip = 2).await;
     let mut refused = 0;
     for _ in 0..10 {
-        match Client::connect(
-            &app.ws_base(),
-            &ConnectOptions {
-                token: Some(app.token("alice")),
-                ..Default::default()
-            },
-        )
-        .await
-        {
-            Err(tether::client::ClientError::Ws(tether::client::WsError::Http(resp))) => {
-                assert_eq!(resp.status(), 429);
-                let body: serde_json::Value =
-                    serde_json::from_slice(resp.body().as_ref().unwrap()).unwrap();
-                assert_eq!(body["error"]["code"], "rate_limited");
-                refused += 1;
-            }
-            Ok(_) => {}
-            Err(e) => panic!("{e}"),
+        if let Err((status, body)) = app.try_upgrade(&app.as_user("alice")).await {
+            assert_eq!(status, 429);
+            assert_eq!(body["error"]["code"], "rate_limited");
+            refused += 1;
         }
     }
     // Ten attempts span at most two one-second windows: at most 4 get through.
@@ -697,28 +617,10 @@ async fn the_per_ip_connection_rate_answers_429() {
 
 #[tokio::test]
 async fn a_client_that_goes_away_with_a_fin_is_released_without_a_close_frame() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = spawn_app().await;
-    let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let req = app.raw_upgrade_request("alice");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    while !String::from_utf8_lossy(&buf).contains("connection_established") {
-        let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout(T, s.read(&mut chunk))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0);
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    let raw = Raw::connect(&app, "alice").await;
     // A killed tab: FIN, no close frame.
-    s.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    tokio::time::timeout(T, s.read_to_end(&mut rest))
-        .await
-        .unwrap()
-        .unwrap();
+    let rest = raw.fin_then_read_to_end().await;
     assert!(
         !rest.contains(&0x88),
         "the server answered a vanished peer with a close frame: {rest:?}"
