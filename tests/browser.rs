@@ -17,7 +17,6 @@
 mod common;
 
 use std::io::Write as _;
-use std::net::TcpListener;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -465,7 +464,7 @@ fn browser_tools() -> Option<Tools> {
     if std::env::var_os("CI").is_some() {
         panic!("browser test cannot run: {why} (CI is set, so this is a failure)");
     }
-    let _ = writeln!(std::io::stderr(), "SKIPPED browser test: {why}");
+    env::skipped("browser test", &why);
     None
 }
 
@@ -616,11 +615,4 @@ fn kill_browsers_on_profile(profile: &Path) {
                 .status();
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }

@@ -3,26 +3,10 @@
 
 mod common;
 
-use std::io::Write as _;
-
 use common::*;
 
 fn pg_url() -> Option<String> {
-    match std::env::var("TETHER_TEST_POSTGRES_URL") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ => {
-            // Written to the real stderr (not captured by the test harness), so it shows; once
-            // for all the tests of this file.
-            static SAID: std::sync::Once = std::sync::Once::new();
-            SAID.call_once(|| {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "SKIPPED: PostgreSQL tests (set TETHER_TEST_POSTGRES_URL to run them)"
-                );
-            });
-            None
-        }
-    }
+    env::require_env("TETHER_TEST_POSTGRES_URL", "PostgreSQL tests")
 }
 
 /// A node on `url`, with a node id of its own.

@@ -1,11 +1,13 @@
 //! Test harness: start the real server on port 0 and talk to it over real sockets.
 //!
 //! - this file: [`TestApp`] (a server in this process) and the client-side helpers most tests use;
-//! - [`raw`]: WebSocket frames and HTTP written and read by hand, below the client library.
+//! - [`raw`]: WebSocket frames and HTTP written and read by hand, below the client library;
+//! - [`env`]: what a test needs from outside (a service, a browser), or one `SKIPPED` line.
 
 // Each test binary compiles all of `common` and uses part of it.
 #![allow(dead_code)]
 
+pub(crate) mod env;
 pub(crate) mod raw;
 
 use std::fmt::Display;
@@ -40,6 +42,14 @@ pub(crate) fn temp_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tether-test-{}", tether::ids::connection_id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A loopback port that was free a moment ago, for a child process that cannot take port 0.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
 }
 
 /// Call `check` every 20 ms until it gives `Ok`; fail after [`T`] with what it gave last.
