@@ -3,50 +3,64 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-use common::{temp_dir, T};
-use tether::client::{Client, ConnectOptions};
+use common::{bearer, free_port, poll, temp_dir, wait_json, T};
+use serde_json::Value;
+use tether::client::Client;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tether");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The `tether` binary serving `dir` on `port` with agent delay 0, its stdout discarded.
+fn server(dir: &Path, port: u16) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env("TETHER_DATA_DIR", dir)
+        .env("TETHER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("TETHER_AGENT_DELAY_MS", "0")
+        .stdout(Stdio::null());
+    cmd
 }
 
-fn serve(dir: &std::path::Path, port: u16) -> Child {
-    Command::new(BIN)
-        .env("TETHER_DATA_DIR", dir)
-        .env("TETHER_LISTEN", format!("127.0.0.1:{port}"))
+fn serve(dir: &Path, port: u16) -> Child {
+    server(dir, port)
         .env("TETHER_ADMIN_TOKEN", "admin-bin")
-        .env("TETHER_AGENT_DELAY_MS", "0")
         .env("TETHER_SQLITE_SYNCHRONOUS", "NORMAL")
         .env("TETHER_LOG", "warn")
-        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
 }
 
 async fn wait_ready(port: u16) {
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
-            if r.status() == 200 {
-                return;
-            }
+    poll("the server to be ready", || async move {
+        match reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+            Ok(r) if r.status() == 200 => Ok(()),
+            Ok(r) => Err(format!("/readyz answered {}", r.status())),
+            Err(e) => Err(e.to_string()),
         }
-        assert!(tokio::time::Instant::now() < deadline, "server not ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
-fn token(dir: &std::path::Path, user: &str) -> String {
+/// Connect with `token` to the server on `port` and read `connection_established`.
+async fn connect(port: u16, token: &str) -> (Client, Value) {
+    let mut c = Client::connect(&format!("ws://127.0.0.1:{port}"), &bearer(token))
+        .await
+        .unwrap();
+    let est = c.next_json(T).await.unwrap();
+    (c, est)
+}
+
+/// SIGTERM, as a service manager stops the server.
+fn terminate(child: &Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+fn token(dir: &Path, user: &str) -> String {
     let out = Command::new(BIN)
         .args(["token", "--user", user, "--ttl", "10m"])
         .env("TETHER_DATA_DIR", dir)
@@ -100,39 +114,16 @@ async fn token_tool_and_server_agree_and_a_killed_servers_audit_rows_are_closed_
     let tok = token(&dir, "alice");
     let mut child = serve(&dir, port);
     wait_ready(port).await;
-    let base = format!("ws://127.0.0.1:{port}");
-    let mut c = Client::connect(
-        &base,
-        &ConnectOptions {
-            token: Some(tok.clone()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let est = c.next_json(T).await.unwrap();
+    let (c, est) = connect(port, &tok).await;
     assert_eq!(est["data"]["user_id"], "alice");
     // Wait until the audit row is committed, then crash the server.
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let s: serde_json::Value = reqwest::Client::new()
-            .get(format!("http://127.0.0.1:{port}/api/stats"))
-            .bearer_auth("admin-bin")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if s["audit_rows_open"] == 1 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "audit row never committed: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_json(
+        &format!("http://127.0.0.1:{port}/api/stats"),
+        "admin-bin",
+        "the audit row to be committed",
+        |s| s["audit_rows_open"] == 1,
+    )
+    .await;
     child.kill().unwrap();
     child.wait().unwrap();
     drop(c);
@@ -147,20 +138,8 @@ async fn token_tool_and_server_agree_and_a_killed_servers_audit_rows_are_closed_
         .unwrap();
     assert!(m.contains("tether_audit_rows_recovered_total 1"), "{m}");
     // SIGTERM: graceful, exit 0.
-    let mut c = Client::connect(
-        &base,
-        &ConnectOptions {
-            token: Some(tok),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    c.next_json(T).await.unwrap();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let (mut c, _) = connect(port, &tok).await;
+    terminate(&child);
     assert_eq!(c.closed(T).await.unwrap().0, 1001);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
@@ -174,27 +153,13 @@ async fn json_logs_follow_one_connection_by_its_id_and_never_show_the_token() {
     let log_path = dir.join("server.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let tok = token(&dir, "alice");
-    let mut child = Command::new(BIN)
-        .env("TETHER_DATA_DIR", &dir)
-        .env("TETHER_LISTEN", format!("127.0.0.1:{port}"))
-        .env("TETHER_AGENT_DELAY_MS", "0")
+    let mut child = server(&dir, port)
         .env("TETHER_LOG_FORMAT", "json")
-        .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()
         .unwrap();
     wait_ready(port).await;
-    let base = format!("ws://127.0.0.1:{port}");
-    let mut c = Client::connect(
-        &base,
-        &ConnectOptions {
-            token: Some(tok.clone()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let est = c.next_json(T).await.unwrap();
+    let (mut c, est) = connect(port, &tok).await;
     let conn_id = est["data"]["connection_id"].as_str().unwrap().to_string();
     let thread_id = est["data"]["thread_id"].as_str().unwrap().to_string();
     c.send_json(&serde_json::json!({"type": "user_message", "id": "m", "data": {"content": "hi"}}))
@@ -202,10 +167,7 @@ async fn json_logs_follow_one_connection_by_its_id_and_never_show_the_token() {
         .unwrap();
     c.until("agent_completed", T).await.unwrap();
     c.close().await.unwrap();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    terminate(&child);
     assert!(child.wait().unwrap().success());
 
     let text = std::fs::read_to_string(&log_path).unwrap();

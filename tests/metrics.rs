@@ -7,7 +7,6 @@ use std::collections::HashMap;
 
 use common::*;
 use serde_json::json;
-use tether::client::{Client, ConnectOptions};
 
 /// A strict-enough parser of the text exposition format: every sample belongs to a declared
 /// metric family, every value is a number, label values are quoted.
@@ -122,15 +121,7 @@ async fn metrics_parse_and_move_when_clients_misbehave() {
         "thread_mismatch"
     );
     let (_a2, _) = app.connect_thread("alice", &thread, None).await;
-    let mut over = Client::connect(
-        &app.ws_base(),
-        &ConnectOptions {
-            token: Some(app.token("alice")),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut over = app.upgrade(&app.as_user("alice")).await;
     assert_eq!(over.closed(T).await.unwrap().0, 4008);
     let during = scrape(&app).await;
     assert_eq!(get(&during, "tether_managers_active"), 1.0);

@@ -262,15 +262,11 @@ async fn tokens_work_from_subprotocol_query_and_single_use_tickets() {
     assert_eq!(est["data"]["user_id"], "carol");
 
     let http = reqwest::Client::new();
-    let t: Value = http
-        .post(app.http("/api/tickets"))
-        .bearer_auth(app.token("dave"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let t: Value = json_answer(
+        http.post(app.http("/api/tickets"))
+            .bearer_auth(app.token("dave")),
+    )
+    .await;
     assert_eq!(t["expires_in"], 30);
     let ticket = t["ticket"].as_str().unwrap().to_string();
     let opts = ConnectOptions {
@@ -445,31 +441,23 @@ async fn admin_endpoints_publish_disconnect_and_require_the_admin_token() {
         .await
         .unwrap();
     assert_eq!(res.status(), 401);
-    let r: Value = http
-        .post(app.http("/api/users/alice/events"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"type": "notice", "data": {"text": "hello"}, "thread_id": thread}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = json_answer(
+        http.post(app.http("/api/users/alice/events"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"type": "notice", "data": {"text": "hello"}, "thread_id": thread})),
+    )
+    .await;
     assert_eq!(r["delivered"], 1);
     let f = a.next_json(T).await.unwrap();
     assert_eq!(f["type"], "notice");
     assert_eq!(f["data"]["text"], "hello");
     assert!(f.get("seq").is_none());
 
-    let r: Value = http
-        .delete(app.http("/api/users/alice/connections"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: Value = json_answer(
+        http.delete(app.http("/api/users/alice/connections"))
+            .bearer_auth(ADMIN),
+    )
+    .await;
     assert_eq!(r["closed"], 2);
     assert_eq!(
         a.closed(T).await.unwrap(),

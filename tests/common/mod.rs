@@ -207,16 +207,7 @@ impl TestApp {
 
     /// Poll `/api/stats` until `pred` holds (or fail after a deadline).
     pub(crate) async fn wait_stats(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let pred = &pred;
-        poll(what, || async move {
-            let s = self.stats().await;
-            if pred(&s) {
-                Ok(s)
-            } else {
-                Err(format!("stats: {s}"))
-            }
-        })
-        .await
+        wait_json(&self.http("/api/stats"), ADMIN, what, pred).await
     }
 
     /// Stop gracefully and wait until the server is fully shut down.
@@ -268,6 +259,30 @@ pub(crate) async fn get(url: &str, bearer: &str) -> reqwest::Response {
 /// `GET url` with a bearer token, as JSON.
 pub(crate) async fn get_json(url: &str, bearer: &str) -> Value {
     get(url, bearer).await.json().await.unwrap()
+}
+
+/// Send `req` and read its answer as JSON.
+pub(crate) async fn json_answer(req: reqwest::RequestBuilder) -> Value {
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+/// Poll `GET url` (JSON, with a bearer token) until `pred` holds; fail after [`T`].
+pub(crate) async fn wait_json(
+    url: &str,
+    bearer: &str,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let pred = &pred;
+    poll(what, || async move {
+        let v = get_json(url, bearer).await;
+        if pred(&v) {
+            Ok(v)
+        } else {
+            Err(format!("{url}: {v}"))
+        }
+    })
+    .await
 }
 
 /// Send a user message and collect frames up to the run's end.
