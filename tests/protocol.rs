@@ -281,8 +281,7 @@ async fn tokens_work_from_subprotocol_query_and_single_use_tickets() {
     // The Authorization header decides over a query token.
     let opts = ConnectOptions {
         token: Some("bad".into()),
-        query: Some(format!("token={}", app.token("erin"))),
-        ..Default::default()
+        ..query_token(app.token("erin"))
     };
     assert_eq!(app.refused(opts).await.0, 401);
 }

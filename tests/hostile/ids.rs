@@ -29,9 +29,8 @@ async fn thread_ids_at_and_over_the_size_limit_get_403_not_500() {
     ];
     for thread in cases {
         let opts = ConnectOptions {
-            token: Some(s.app.token("mallory")),
             thread_id: Some(thread.clone()),
-            ..Default::default()
+            ..s.app.as_user("mallory")
         };
         let (status, body) = s.app.refused(opts).await;
         assert_eq!(
@@ -149,9 +148,8 @@ async fn non_ascii_user_ids_are_accepted_and_echoed_exactly() {
     }
     // Two spellings of "é" are two users: neither may open the other's thread.
     let opts = ConnectOptions {
-        token: Some(s.app.token("\u{e9}")),
         thread_id: Some(threads[3].clone()),
-        ..Default::default()
+        ..s.app.as_user("\u{e9}")
     };
     assert_eq!(s.app.refused(opts).await.0, 403);
     s.others_unaffected().await;

@@ -118,8 +118,7 @@ async fn a_valid_token_for_another_users_thread_gets_403_forbidden_thread() {
     let opts = ConnectOptions {
         thread_id: Some(thread.clone()),
         since: Some(0),
-        query: Some(format!("token={}", s.app.token("mallory"))),
-        ..Default::default()
+        ..query_token(s.app.token("mallory"))
     };
     let (status, body) = s.app.refused(opts).await;
     assert_eq!(
