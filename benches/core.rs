@@ -220,7 +220,7 @@ fn store_commit(c: &mut Criterion) {
         })
     });
     g.finish();
-    let _ = std::fs::remove_dir_all(dir);
+    std::fs::remove_dir_all(dir).ok();
 }
 
 criterion_group!(

@@ -118,7 +118,7 @@ async fn main() {
     let nodelay = opts.nodelay;
     let listener = listener.tap_io(move |tcp| {
         if nodelay {
-            let _ = tcp.set_nodelay(true);
+            tcp.set_nodelay(true).ok();
         }
     });
     let served = axum::serve(listener, app)

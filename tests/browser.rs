@@ -52,15 +52,16 @@ async fn chat_and_dashboard_pages_work_in_headless_chromium() {
         if let Ok(png) = browser.screenshot().await {
             let path = artifact_dir().join("failure.png");
             if std::fs::write(&path, png).is_ok() {
-                let _ = writeln!(
+                writeln!(
                     std::io::stderr(),
                     "browser test: page at failure saved to {}",
                     path.display()
-                );
+                )
+                .ok();
             }
         }
     }
-    let _ = browser.close().await;
+    browser.close().await.ok();
     drop(driver);
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
@@ -70,7 +71,7 @@ async fn chat_and_dashboard_pages_work_in_headless_chromium() {
 
 async fn scenario(app: &TestApp, b: &Browser) {
     let dir = artifact_dir();
-    let _ = std::fs::remove_file(dir.join("failure.png"));
+    std::fs::remove_file(dir.join("failure.png")).ok();
 
     // ---- chat: dev token, new thread, a message and the agent's reply -------------------
     b.goto(&app.http("/chat")).await.expect("open /chat");
@@ -519,8 +520,8 @@ impl Driver {
                     };
                 }
                 if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    child.kill().ok();
+                    child.wait().ok();
                     last_err = "chromedriver did not listen within 10 s".into();
                     break;
                 }
@@ -579,11 +580,11 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill().ok();
+        self.child.wait().ok();
         kill_browsers_on_profile(&self.profile);
-        let _ = std::fs::remove_dir_all(&self.profile);
-        let _ = std::fs::remove_file(self.profile.with_extension("chromedriver.log"));
+        std::fs::remove_dir_all(&self.profile).ok();
+        std::fs::remove_file(self.profile.with_extension("chromedriver.log")).ok();
     }
 }
 
@@ -609,10 +610,11 @@ fn kill_browsers_on_profile(profile: &Path) {
             .split(|&c| c == 0)
             .any(|arg| arg == needle.as_bytes())
         {
-            let _ = Command::new("kill")
+            Command::new("kill")
                 .args(["-KILL", pid])
                 .stderr(Stdio::null())
-                .status();
+                .status()
+                .ok();
         }
     }
 }

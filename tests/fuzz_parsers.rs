@@ -627,7 +627,8 @@ proptest! {
         header in json_value(),
     ) {
         let a = auth();
-        let _ = a.verify(&parts.join("."));
+        // Any verdict will do: the property is that there is one.
+        a.verify(&parts.join(".")).ok();
         let b64 = |v: &Value| {
             use base64::Engine;
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
