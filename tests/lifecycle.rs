@@ -65,14 +65,14 @@ async fn churn_with_resets_and_mid_run_closes_leaves_nothing_open_and_shutdown_c
     assert_eq!(s["cleanups"]["attempted"], s["cleanups"]["completed"]);
     assert_eq!(app.state.registry().reap(), 0, "the backstop finds nothing");
     // Every audit row closed (closes are written by the group-commit writer; poll briefly).
-    let deadline = tokio::time::Instant::now() + T;
-    while app.state.store().open_audit_rows().await.unwrap() != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "audit rows still open"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let store = app.state.store();
+    poll("every audit row to be closed", || async move {
+        match store.open_audit_rows().await.unwrap() {
+            0 => Ok(()),
+            open => Err(format!("{open} audit rows still open")),
+        }
+    })
+    .await;
 
     // Graceful shutdown with live connections and a run in flight: 1001 for all, rows closed.
     let (mut a, _) = app.connect("alice").await;
@@ -81,7 +81,7 @@ async fn churn_with_resets_and_mid_run_closes_leaves_nothing_open_and_shutdown_c
         .await
         .unwrap();
     a.until("ack", T).await.unwrap();
-    let store = app.state.store().clone();
+    let store = store.clone();
     let state = app.state.clone();
     let config = app.config.clone();
     let shutdown = tokio::spawn(app.shutdown_keep());
