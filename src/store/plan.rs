@@ -1,0 +1,261 @@
+//! What a batch writes, whatever the backend: the new threads, how many `seq`s each thread
+//! needs, and, once the backend has reserved them, [`plan`]: every frame built, every row to
+//! write, every op's result, in batch order.
+//!
+//! Reserving the `seq`s and writing the rows are the backends'; the row format of
+//! `thread_events` is the codec's.
+
+use std::collections::HashMap;
+
+use super::codec;
+use super::writer::{Applied, Op, Outcome};
+use super::StoreError;
+use crate::broker::Delivery;
+use crate::context::UserExecutionContext;
+use crate::protocol::{self, FrameMeta, PreparedFrame};
+use crate::registry::OutFrame;
+use crate::session::{NewEvent, Write};
+
+/// One `thread_events` row: the consecutive events of one thread in one batch (see `codec`).
+pub(super) struct EventRow<'a> {
+    pub(super) thread_id: &'a str,
+    /// The last event's seq.
+    pub(super) seq: i64,
+    /// The last event's kind.
+    pub(super) kind: &'a str,
+    /// The last event's run.
+    pub(super) run_id: Option<&'a str>,
+    /// The events' frames, newline-separated.
+    pub(super) frame: String,
+}
+
+/// One `messages` row.
+pub(super) struct MessageRow<'a> {
+    /// The session's context: thread, user and request ids.
+    pub(super) ctx: &'a UserExecutionContext,
+    pub(super) message_id: &'a str,
+    pub(super) run_id: Option<&'a str>,
+    pub(super) role: &'static str,
+    pub(super) content: &'a str,
+}
+
+/// A run's end: a `runs` row inserted finished, or an update of one a batch before inserted.
+pub(super) struct RunFinish<'a> {
+    pub(super) run_id: &'a str,
+    pub(super) status: &'static str,
+    pub(super) duration_ms: i64,
+    pub(super) error_code: Option<&'a str>,
+}
+
+/// The contexts of the sessions that create their thread.
+pub(super) fn new_threads(ops: &[Op]) -> Vec<&UserExecutionContext> {
+    ops.iter()
+        .filter(|op| !op.blocked())
+        .filter_map(|op| match op {
+            Op::Session { ctx, writes, .. }
+                if writes.iter().any(|w| matches!(w, Write::CreateThread)) =>
+            {
+                Some(ctx)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// How many `seq`s each (thread, user) of the batch needs, in order of first appearance.
+pub(super) fn seq_requests(ops: &[Op]) -> Vec<(&str, &str, i64)> {
+    let mut wanted: Vec<(&str, &str, i64)> = Vec::new();
+    for op in ops.iter().filter(|op| !op.blocked()) {
+        if let Op::Session { ctx, writes, .. } = op {
+            let n = writes
+                .iter()
+                .filter(|w| matches!(w, Write::Event(_)))
+                .count() as i64;
+            if n == 0 {
+                continue;
+            }
+            // Keyed by thread and user: another user's session on this thread id reserves
+            // nothing (its user does not own the thread) and fails alone in `plan`, whichever
+            // comes first in the batch.
+            match wanted
+                .iter_mut()
+                .find(|(t, u, _)| *t == ctx.thread_id() && *u == ctx.user_id())
+            {
+                Some(w) => w.2 += n,
+                None => wanted.push((ctx.thread_id(), ctx.user_id(), n)),
+            }
+        }
+    }
+    wanted
+}
+
+/// Next seq to hand out, per thread (with the user it was reserved for).
+pub(super) type NextSeqs<'a> = HashMap<&'a str, (&'a str, u64)>;
+
+/// The rows a batch writes once its seqs are reserved.
+#[derive(Default)]
+pub(super) struct Rows<'a> {
+    pub(super) events: Vec<EventRow<'a>>,
+    pub(super) messages: Vec<MessageRow<'a>>,
+    /// Runs started: each the run's own context.
+    pub(super) runs: Vec<&'a UserExecutionContext>,
+    pub(super) finishes: Vec<RunFinish<'a>>,
+    /// Audit rows opened: the connection's context and when.
+    pub(super) opens: Vec<(&'a UserExecutionContext, i64)>,
+    /// Audit rows closed: connection id, when, reason, close code.
+    pub(super) closes: Vec<(&'a str, i64, &'a str, i64)>,
+}
+
+/// Assign seqs in batch order, build every frame, and collect the rows to write and each
+/// op's result. The same for every backend: only how rows reach the database differs.
+pub(super) fn plan<'a>(
+    ops: &'a [Op],
+    next: &mut NextSeqs<'a>,
+    now: i64,
+) -> (Rows<'a>, Vec<Outcome>) {
+    let mut results: Vec<Outcome> = Vec::with_capacity(ops.len());
+    let mut rows = Rows::default();
+    // One time for the whole batch: it commits as one.
+    let ts = protocol::rfc3339_ms(now as u64);
+    // The row of each thread's events in this batch (their seqs are consecutive).
+    let mut event_row: HashMap<&str, usize> = Default::default();
+    for op in ops {
+        match op {
+            Op::Session { ctx, writes, .. } => {
+                // Checked in batch order: a gate shut by an earlier op of this batch counts.
+                if op.blocked() {
+                    op.fail_gates();
+                    results.push(Err(StoreError::MessageNotStored));
+                    continue;
+                }
+                let has_events = writes.iter().any(|w| matches!(w, Write::Event(_)));
+                let mut seq_slot = next
+                    .get_mut(ctx.thread_id())
+                    .filter(|(user, _)| *user == ctx.user_id())
+                    .map(|(_, seq)| seq);
+                if has_events && seq_slot.is_none() {
+                    op.fail_gates();
+                    results.push(Err(StoreError::ThreadNotFound));
+                    continue;
+                }
+                let mut applied = Applied::default();
+                for w in writes {
+                    match w {
+                        Write::CreateThread => {}
+                        Write::Event(ev) => {
+                            let Some(slot) = seq_slot.as_deref_mut() else {
+                                continue;
+                            };
+                            let seq = *slot;
+                            *slot += 1;
+                            let text = match &ev.prepared {
+                                Some(p) => p.finish(seq, &ts),
+                                None => prepare(ctx, ev).finish(seq, &ts),
+                            };
+                            applied.seqs.push(seq);
+                            let ack = ev.ack.as_ref().map(|a| {
+                                let ack = protocol::frame_at(
+                                    "ack",
+                                    FrameMeta {
+                                        thread_id: Some(ctx.thread_id()),
+                                        seq: Some(seq),
+                                        reply_to: ev.reply_to.as_deref(),
+                                        ..Default::default()
+                                    },
+                                    &ts,
+                                    &protocol::AckData {
+                                        message_id: &a.message_id,
+                                        run_id: &a.run_id,
+                                        seq,
+                                    },
+                                );
+                                (ctx.connection_id_arc().clone(), OutFrame::new(seq, ack))
+                            });
+                            applied.deliveries.push(Delivery::thread(
+                                ctx,
+                                OutFrame::new(seq, text.as_str()),
+                                ack,
+                            ));
+                            match event_row.get(ctx.thread_id()) {
+                                Some(&i) => {
+                                    let row = &mut rows.events[i];
+                                    row.seq = seq as i64;
+                                    row.kind = ev.kind;
+                                    row.run_id = ev.run_id.as_deref();
+                                    codec::push_frame(&mut row.frame, &text);
+                                }
+                                None => {
+                                    event_row.insert(ctx.thread_id(), rows.events.len());
+                                    rows.events.push(EventRow {
+                                        thread_id: ctx.thread_id(),
+                                        seq: seq as i64,
+                                        kind: ev.kind,
+                                        run_id: ev.run_id.as_deref(),
+                                        frame: text,
+                                    });
+                                }
+                            }
+                        }
+                        Write::Message {
+                            message_id,
+                            role,
+                            content,
+                            run_id,
+                        } => rows.messages.push(MessageRow {
+                            ctx,
+                            message_id,
+                            run_id: run_id.as_deref(),
+                            role: role.as_str(),
+                            content,
+                        }),
+                        Write::RunStarted { run } => rows.runs.push(run),
+                        Write::RunFinished {
+                            status,
+                            duration_ms,
+                            error_code,
+                        } => rows.finishes.push(RunFinish {
+                            run_id: ctx.run_id(),
+                            status,
+                            duration_ms: *duration_ms as i64,
+                            error_code: error_code.as_deref(),
+                        }),
+                        Write::Opens(_) | Write::Requires(_) => {}
+                        Write::Transient { text } => {
+                            let mut frame = OutFrame::new(0, text.as_str());
+                            frame.droppable = true;
+                            applied.deliveries.push(Delivery::thread(ctx, frame, None));
+                        }
+                    }
+                }
+                results.push(Ok(applied));
+            }
+            Op::AuditOpen { ctx, at } => {
+                rows.opens.push((ctx, *at));
+                results.push(Ok(Applied::default()));
+            }
+            Op::AuditClose {
+                connection_id,
+                code,
+                reason,
+                at,
+            } => {
+                rows.closes
+                    .push((connection_id, *at, reason, i64::from(*code)));
+                results.push(Ok(Applied::default()));
+            }
+            Op::Shutdown { .. } => results.push(Ok(Applied::default())),
+        }
+    }
+    (rows, results)
+}
+
+/// A thread event's frame, serialized up to its `seq` and time.
+pub(super) fn prepare(ctx: &UserExecutionContext, ev: &NewEvent) -> PreparedFrame {
+    PreparedFrame::new(
+        ev.kind,
+        Some(ctx.thread_id()),
+        ev.run_id.as_deref(),
+        ev.reply_to.as_deref(),
+        &ev.data,
+    )
+}

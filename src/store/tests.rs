@@ -1,0 +1,293 @@
+//! Tests of a whole store (SQLite): gates, ownership, seqs, reads. The helpers here are shared
+//! with the tests of the parts (codec, SQLite writer, checkpoints) that need a whole store too.
+
+use std::sync::Arc;
+
+use super::{EventPage, SqlStore, Store, StoreError, StoreOptions};
+use crate::broker::LocalBroker;
+use crate::context::ThreadChoice;
+use crate::context::{OwnedThread, UserExecutionContext};
+use crate::registry::{Limits, Registry};
+use crate::session::Write;
+use crate::session::{CommitReceipt, NewEvent, SessionFactory};
+
+/// A connection's context for `user` on a new thread.
+pub(super) fn ctx(user: &str) -> UserExecutionContext {
+    UserExecutionContext::from_websocket_request(
+        user,
+        &crate::ids::connection_id(),
+        ThreadChoice::New,
+    )
+    .unwrap()
+}
+
+/// An event whose data is `{"n": n}`.
+pub(super) fn event(n: u64) -> Write {
+    Write::Event(NewEvent {
+        kind: "agent_thinking",
+        run_id: None,
+        reply_to: None,
+        data: serde_json::json!({ "n": n }),
+        ack: None,
+        prepared: None,
+    })
+}
+
+/// A store and a session factory, with a new thread of `user` already created.
+pub(super) async fn store_with_thread(
+    user: &str,
+) -> (
+    Arc<SqlStore>,
+    std::path::PathBuf,
+    SessionFactory,
+    UserExecutionContext,
+) {
+    let (store, dir) = store().await;
+    let sessions = SessionFactory::new(store.clone());
+    let c = ctx(user);
+    let mut s = sessions.create_session_from_context(&c);
+    s.stage(Write::CreateThread);
+    s.commit().await.unwrap();
+    (store, dir, sessions, c)
+}
+
+/// Commit one session of the events `ns` (see [`event`]) on `c`'s thread; their seqs.
+pub(super) async fn commit_events(
+    sessions: &SessionFactory,
+    c: &UserExecutionContext,
+    ns: std::ops::Range<u64>,
+) -> Vec<u64> {
+    let mut s = sessions.create_session_from_context(c);
+    for n in ns {
+        s.stage(event(n));
+    }
+    s.commit().await.unwrap()
+}
+
+/// Write a `thread_events` row by hand, as an older binary or a damaged file left it.
+pub(super) async fn insert_row<'q, F>(store: &SqlStore, thread_id: &'q str, seq: i64, frame: F)
+where
+    F: 'q + Send + sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    sqlx::query("INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ($1, $2, 'x', NULL, 0, $3)")
+        .bind(thread_id)
+        .bind(seq)
+        .bind(frame)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+}
+
+/// Submit one event as "bob" on `owner`'s thread (a forged ownership proof).
+pub(super) async fn submit_as_intruder(
+    sessions: &SessionFactory,
+    owner: &UserExecutionContext,
+) -> CommitReceipt {
+    let bob_on_owner = UserExecutionContext::from_websocket_request(
+        "bob",
+        &crate::ids::connection_id(),
+        ThreadChoice::Resume(OwnedThread::new("bob", owner.thread_id())),
+    )
+    .unwrap();
+    let mut s = sessions.create_session_from_context(&bob_on_owner);
+    s.stage(event(0));
+    s.submit().await.unwrap()
+}
+
+/// Close the store and remove its directory.
+pub(super) async fn close(store: Arc<SqlStore>, dir: std::path::PathBuf) {
+    store.close().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A new SQLite store in a directory of its own (`synchronous=NORMAL`: these tests need no
+/// durability).
+pub(super) async fn store() -> (Arc<SqlStore>, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tether-store-{}", crate::ids::connection_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut opts = StoreOptions::sqlite_in(&dir);
+    opts.sqlite_synchronous = "NORMAL".into();
+    let reg = Registry::new(Limits::default());
+    (
+        SqlStore::open(opts, Arc::new(LocalBroker::new(reg)))
+            .await
+            .unwrap(),
+        dir,
+    )
+}
+
+#[tokio::test]
+async fn a_run_whose_message_fails_stores_nothing_and_leaves_no_seq_gap() {
+    let (store, dir, sessions, a) = store_with_thread("alice").await;
+    // The message fails (its thread does not exist); its run, queued right behind it
+    // (usually in the same batch), is refused.
+    let bob = ctx("bob");
+    let gate = crate::session::Gate::new(&bob);
+    let mut msg = sessions.create_session_from_context(&bob);
+    msg.stage(event(0)).stage(Write::Opens(gate.clone()));
+    let msg = msg.submit().await.unwrap();
+    let mut run = sessions.create_session_from_context(&bob);
+    run.stage(Write::Requires(gate.clone())).stage(event(1));
+    let run = run.submit().await.unwrap();
+    assert!(matches!(
+        msg.await.unwrap(),
+        Err(StoreError::ThreadNotFound)
+    ));
+    assert!(matches!(
+        run.await.unwrap(),
+        Err(StoreError::MessageNotStored)
+    ));
+    assert!(gate.failed());
+    // A gate never admits another thread's session, even open: here alice's, which must
+    // not reserve a seq it then leaves unused.
+    let open = crate::session::Gate::new(&bob);
+    let mut stray = sessions.create_session_from_context(&a);
+    stray.stage(Write::Requires(open)).stage(event(2));
+    let stray = stray.submit().await.unwrap();
+    let mut late = sessions.create_session_from_context(&bob);
+    late.stage(Write::Requires(gate)).stage(event(2));
+    assert!(matches!(
+        late.commit().await,
+        Err(StoreError::MessageNotStored)
+    ));
+    assert!(matches!(
+        stray.await.unwrap(),
+        Err(StoreError::MessageNotStored)
+    ));
+    let mut other = sessions.create_session_from_context(&a);
+    other.stage(event(3));
+    assert_eq!(other.commit().await.unwrap(), vec![1]);
+    close(store, dir).await;
+}
+
+#[tokio::test]
+async fn an_intruder_first_in_a_batch_does_not_fail_the_owner() {
+    let (store, dir, sessions, a) = store_with_thread("alice").await;
+    // Back to back, so usually one batch, the intruder first.
+    let intruder = submit_as_intruder(&sessions, &a).await;
+    let mut owner = sessions.create_session_from_context(&a);
+    owner.stage(event(1));
+    let owner = owner.submit().await.unwrap();
+    assert!(matches!(
+        intruder.await.unwrap(),
+        Err(StoreError::ThreadNotFound)
+    ));
+    assert_eq!(owner.await.unwrap().unwrap(), vec![1]);
+    close(store, dir).await;
+}
+
+#[tokio::test]
+async fn events_committed_together_share_a_row_and_read_back_one_by_one() {
+    let (store, dir, sessions, a) = store_with_thread("alice").await;
+    assert_eq!(
+        commit_events(&sessions, &a, 0..5).await,
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(commit_events(&sessions, &a, 5..7).await, vec![6, 7]);
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM thread_events")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2);
+    let seqs = |p: EventPage| p.events.iter().map(|(s, _)| *s).collect::<Vec<_>>();
+    let all = store.events_since(a.thread_id(), 0, 100).await.unwrap();
+    assert_eq!(all.last_seq, 7);
+    for (seq, frame) in &all.events {
+        let v: serde_json::Value = serde_json::from_str(frame).unwrap();
+        assert_eq!(v["seq"], *seq);
+        assert_eq!(v["data"]["n"], *seq - 1);
+    }
+    assert_eq!(seqs(all), (1..=7).collect::<Vec<_>>());
+    // `since` and `limit` inside a row, and paging across rows.
+    assert_eq!(
+        seqs(store.events_since(a.thread_id(), 2, 2).await.unwrap()),
+        vec![3, 4]
+    );
+    assert_eq!(
+        seqs(store.events_since(a.thread_id(), 4, 100).await.unwrap()),
+        vec![5, 6, 7]
+    );
+    assert_eq!(
+        seqs(store.events_since(a.thread_id(), 6, 1).await.unwrap()),
+        vec![7]
+    );
+    assert!(store
+        .events_since(a.thread_id(), 7, 10)
+        .await
+        .unwrap()
+        .events
+        .is_empty());
+    close(store, dir).await;
+}
+
+#[tokio::test]
+async fn a_run_behind_a_stored_message_commits_with_it() {
+    let (store, dir) = store().await;
+    let sessions = SessionFactory::new(store.clone());
+    let a = ctx("alice");
+    let gate = crate::session::Gate::new(&a);
+    let mut msg = sessions.create_session_from_context(&a);
+    msg.stage(Write::CreateThread)
+        .stage(event(0))
+        .stage(Write::Opens(gate.clone()));
+    let msg = msg.submit().await.unwrap();
+    let mut run = sessions.create_session_from_context(&a);
+    run.stage(Write::Requires(gate.clone())).stage(event(1));
+    assert_eq!(run.commit().await.unwrap(), vec![2]);
+    assert_eq!(msg.await.unwrap().unwrap(), vec![1]);
+    assert!(!gate.failed());
+    close(store, dir).await;
+}
+
+#[tokio::test]
+async fn concurrent_sessions_get_gap_free_seqs_and_a_bad_one_fails_alone() {
+    let (store, dir, sessions, a) = store_with_thread("alice").await;
+    // Submitted back to back, so the writer takes them as one batch.
+    let mut receipts = Vec::new();
+    for i in 0..50 {
+        let mut s = sessions.create_session_from_context(&a);
+        s.stage(event(i)).stage(event(i));
+        receipts.push(s.submit().await.unwrap());
+    }
+    // A session on a thread that does not exist, and one by another user on alice's thread.
+    let mut ghost = sessions.create_session_from_context(&ctx("bob"));
+    ghost.stage(event(0));
+    let ghost = ghost.submit().await.unwrap();
+    let intruder = submit_as_intruder(&sessions, &a).await;
+    let mut all = Vec::new();
+    for r in receipts {
+        all.extend(r.await.unwrap().unwrap());
+    }
+    assert_eq!(all, (1..=100).collect::<Vec<u64>>());
+    assert!(matches!(
+        ghost.await.unwrap(),
+        Err(StoreError::ThreadNotFound)
+    ));
+    assert!(matches!(
+        intruder.await.unwrap(),
+        Err(StoreError::ThreadNotFound)
+    ));
+    let page = store.events_since(a.thread_id(), 98, 10).await.unwrap();
+    assert_eq!(page.last_seq, 100);
+    assert_eq!(
+        page.events.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![99, 100]
+    );
+    close(store, dir).await;
+}
+
+#[tokio::test]
+async fn a_dropped_session_writes_nothing() {
+    let (store, dir) = store().await;
+    let sessions = SessionFactory::new(store.clone());
+    let a = ctx("alice");
+    let mut s = sessions.create_session_from_context(&a);
+    s.stage(Write::CreateThread);
+    drop(s);
+    assert!(store
+        .find_thread("alice", a.thread_id())
+        .await
+        .unwrap()
+        .is_none());
+    close(store, dir).await;
+}
