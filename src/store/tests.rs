@@ -116,6 +116,100 @@ pub(super) async fn store() -> (Arc<SqlStore>, std::path::PathBuf) {
     )
 }
 
+/// `TETHER_TEST_POSTGRES_URL`, or `None` with one SKIPPED line (once for all these tests).
+pub(super) fn pg_url() -> Option<String> {
+    match std::env::var("TETHER_TEST_POSTGRES_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            // The real stderr, not captured by the test harness, so it shows.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "SKIPPED: store tests on PostgreSQL (set TETHER_TEST_POSTGRES_URL to run them)"
+                );
+            });
+            None
+        }
+    }
+}
+
+/// A new store on `url` (a node of its own).
+pub(super) async fn store_on(url: &str) -> Arc<SqlStore> {
+    let opts = StoreOptions {
+        url: url.to_string(),
+        node_id: crate::ids::connection_id(),
+        sqlite_synchronous: "NORMAL".into(),
+        read_pool_size: 1,
+    };
+    let reg = Registry::new(Limits::default());
+    SqlStore::open(opts, Arc::new(LocalBroker::new(reg)))
+        .await
+        .unwrap()
+}
+
+/// The seqs of a page's events.
+fn seqs(page: EventPage) -> Vec<u64> {
+    page.events.iter().map(|(s, _)| *s).collect()
+}
+
+/// Queue one session of `writes` on `c`.
+async fn submit(
+    sessions: &SessionFactory,
+    c: &UserExecutionContext,
+    writes: impl IntoIterator<Item = Write>,
+) -> CommitReceipt {
+    let mut s = sessions.create_session_from_context(c);
+    for w in writes {
+        s.stage(w);
+    }
+    s.submit().await.unwrap()
+}
+
+/// One batch in which the database rejects a session (it creates a thread that exists): the
+/// batch rolls back and each session is retried alone, so the others commit with gap-free
+/// seqs, the rejected one fails with a database error, and the session behind its gate fails
+/// without writing. The same outcome if the sessions land in separate batches.
+pub(super) async fn a_rejected_session_fails_alone_on(store: &Arc<SqlStore>) {
+    let sessions = SessionFactory::new(store.clone());
+    let a = ctx("alice");
+    submit(&sessions, &a, [Write::CreateThread])
+        .await
+        .await
+        .unwrap()
+        .unwrap();
+    // Back to back, so usually one batch.
+    let before = submit(&sessions, &a, [event(0)]).await;
+    let gate = crate::session::Gate::new(&a);
+    let again = submit(
+        &sessions,
+        &a,
+        [Write::CreateThread, event(1), Write::Opens(gate.clone())],
+    )
+    .await;
+    let gated = submit(&sessions, &a, [Write::Requires(gate.clone()), event(2)]).await;
+    let after = submit(&sessions, &a, [event(3)]).await;
+    assert_eq!(before.await.unwrap().unwrap(), vec![1]);
+    let rejected = again.await.unwrap().unwrap_err();
+    assert!(matches!(rejected, StoreError::Database(_)), "{rejected:?}");
+    assert!(matches!(
+        gated.await.unwrap(),
+        Err(StoreError::MessageNotStored)
+    ));
+    assert!(gate.failed());
+    assert_eq!(after.await.unwrap().unwrap(), vec![2]);
+    let page = store.events_since(a.thread_id(), 0, 10).await.unwrap();
+    assert_eq!(seqs(page), vec![1, 2]);
+}
+
+#[tokio::test]
+async fn a_session_the_database_rejects_fails_alone_and_fails_its_gate() {
+    let (store, dir) = store().await;
+    a_rejected_session_fails_alone_on(&store).await;
+    close(store, dir).await;
+}
+
 #[tokio::test]
 async fn a_run_whose_message_fails_stores_nothing_and_leaves_no_seq_gap() {
     let (store, dir, sessions, a) = store_with_thread("alice").await;

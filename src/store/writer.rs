@@ -3,8 +3,8 @@
 //! transaction (and, if that fails, each op alone, so one bad op cannot fail the others), then
 //! publishes the committed frames and answers every op, in commit order.
 //!
-//! How a backend waits for ops and writes a batch is its own; what a batch writes is the
-//! plan's.
+//! The loop and the retry are here, once ([`Writer::run`]); how a backend waits for ops and
+//! writes a batch is its [`BatchWriter`]; what a batch writes is the plan's.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -169,14 +169,34 @@ impl Queue {
     }
 }
 
+/// How a backend waits for ops and writes a batch: what the async PostgreSQL writer and the
+/// SQLite writer thread differ in. The loop around it is [`Writer::run`].
+pub(super) trait BatchWriter {
+    /// The next op, waiting for one; `None` once every sender is gone.
+    async fn recv(&mut self, rx: &mut mpsc::Receiver<Op>) -> Option<Op>;
+
+    /// Write `ops` in one transaction: each op's outcome, or the error that rolled it back.
+    async fn write(&mut self, ops: &[Op], node_id: &str) -> BatchResult;
+
+    /// A batch failed: get ready to retry its ops one by one (PostgreSQL reconnects if the
+    /// connection broke).
+    async fn recover(&mut self) {}
+
+    /// A batch is over (committed or not) and handed on.
+    fn written(&mut self) {}
+
+    /// The loop has ended; the shutdown is confirmed right after.
+    fn stopping(&mut self) {}
+}
+
 /// One writer's queue: it takes every op that is waiting (up to [`MAX_BATCH`]) as one batch,
 /// and answers each op once its batch is over. Shared by the async PostgreSQL writer and the
-/// SQLite writer thread, which differ only in how they wait and write.
+/// SQLite writer thread, which differ only in how they wait and write ([`BatchWriter`]).
 pub(super) struct Writer {
-    pub(super) rx: mpsc::Receiver<Op>,
+    rx: mpsc::Receiver<Op>,
     broker: Arc<dyn Broker>,
-    pub(super) node_id: Arc<str>,
-    pub(super) shutdown: Option<oneshot::Sender<()>>,
+    node_id: Arc<str>,
+    shutdown: Option<oneshot::Sender<()>>,
     /// Where outcomes go when publishing runs on its own thread (SQLite); inline if `None`.
     publisher: Option<std::sync::mpsc::SyncSender<Done>>,
 }
@@ -214,6 +234,44 @@ impl Done {
 }
 
 impl Writer {
+    /// Write batches with `backend` until a shutdown (or every sender is gone), then refuse
+    /// what came later and confirm the shutdown.
+    pub(super) async fn run<B: BatchWriter>(mut self, mut backend: B) {
+        while self.shutdown.is_none() {
+            let Some(first) = backend.recv(&mut self.rx).await else {
+                break;
+            };
+            let batch = self.batch(first);
+            if batch.is_empty() {
+                continue;
+            }
+            let started = Instant::now();
+            let results = self.write(&mut backend, &batch).await;
+            self.finish(batch, results, started);
+            backend.written();
+        }
+        backend.stopping();
+        self.close();
+    }
+
+    /// The batch in one transaction; if that fails, each op alone, so one bad op cannot fail
+    /// the others.
+    async fn write<B: BatchWriter>(&self, backend: &mut B, batch: &[Op]) -> Vec<Outcome> {
+        match backend.write(batch, &self.node_id).await {
+            Ok(results) => results,
+            Err(e) => {
+                tracing::warn!(error = %e, ops = batch.len(), "group commit failed; retrying each session alone");
+                backend.recover().await;
+                let mut results = Vec::with_capacity(batch.len());
+                for op in batch.chunks(1) {
+                    let r = backend.write(op, &self.node_id).await;
+                    results.push(alone(r, op));
+                }
+                results
+            }
+        }
+    }
+
     /// The broker committed frames go to.
     pub(super) fn broker(&self) -> &Arc<dyn Broker> {
         &self.broker
@@ -227,7 +285,7 @@ impl Writer {
 
     /// The next batch, starting with `first` (the op the caller waited for); empty if only a
     /// shutdown came. Everything queued before a shutdown is written; later ops are refused.
-    pub(super) fn batch(&mut self, first: Op) -> Vec<Op> {
+    fn batch(&mut self, first: Op) -> Vec<Op> {
         let mut batch = Vec::with_capacity(MAX_BATCH.min(self.rx.len() + 1));
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -253,7 +311,7 @@ impl Writer {
     }
 
     /// Count, publish committed frames in order, and answer every op of a written batch.
-    pub(super) fn finish(&self, batch: Vec<Op>, results: Vec<Outcome>, started: Instant) {
+    fn finish(&self, batch: Vec<Op>, results: Vec<Outcome>, started: Instant) {
         metrics()
             .store_latency(StoreOp::Commit)
             .observe(started.elapsed().as_secs_f64());
@@ -293,7 +351,7 @@ impl Writer {
 
     /// After a shutdown: refuse what arrived later (audit closes among them are recovered at the
     /// next start), then confirm the shutdown.
-    pub(super) fn close(mut self) {
+    fn close(mut self) {
         self.rx.close();
         while let Ok(op) = self.rx.try_recv() {
             refuse(op);
@@ -314,7 +372,7 @@ fn refuse(op: Op) {
 }
 
 /// The result of one op written alone, after its batch failed.
-pub(super) fn alone(r: BatchResult, op: &[Op]) -> Outcome {
+fn alone(r: BatchResult, op: &[Op]) -> Outcome {
     let r = match r {
         Ok(mut r) => r.pop().unwrap_or(Ok(Applied::default())),
         Err(e) => Err(e),

@@ -8,54 +8,92 @@
 
 mod write;
 
-use std::time::Instant;
-
 use sqlx::{AnyConnection, AnyPool, Connection};
+use tokio::sync::mpsc;
 
-use super::writer::{alone, Writer};
+use super::writer::{BatchResult, BatchWriter, Op, Writer};
 use super::StoreError;
 
 /// Start the writer task on a connection of its own from `pool`; `url` is for reconnecting.
 pub(super) async fn start(pool: &AnyPool, url: String, w: Writer) -> Result<(), StoreError> {
     let conn = pool.acquire().await?.detach();
-    tokio::spawn(pg_writer(w, conn, url));
+    tokio::spawn(w.run(PgWriter { conn, url }));
     Ok(())
 }
 
-/// The PostgreSQL writer: a task with its own connection. Each batch is one transaction of a few
-/// multi-row statements (each one a network round trip, so fewer is faster).
-async fn pg_writer(mut w: Writer, mut conn: AnyConnection, url: String) {
-    while w.shutdown.is_none() {
-        let Some(first) = w.rx.recv().await else {
-            break;
-        };
-        let batch = w.batch(first);
-        if batch.is_empty() {
-            continue;
-        }
-        let started = Instant::now();
-        let results = match write::write_batch(&mut conn, &batch, &w.node_id).await {
-            Ok(results) => results,
-            Err(e) => {
-                tracing::warn!(error = %e, ops = batch.len(), "group commit failed; retrying each session alone");
-                // Reconnect if the connection broke (a database restart).
-                if conn.ping().await.is_err() {
-                    match sqlx::AnyConnection::connect(&url).await {
-                        Ok(c) => conn = c,
-                        Err(e) => {
-                            tracing::error!(error = %StoreError::from(e), "store writer cannot reconnect")
-                        }
-                    }
-                }
-                let mut results = Vec::with_capacity(batch.len());
-                for op in batch.chunks(1) {
-                    let r = write::write_batch(&mut conn, op, &w.node_id).await;
-                    results.push(alone(r, op));
-                }
-                results
-            }
-        };
-        w.finish(batch, results, started);
+/// The writer task's side of a batch: its connection, and the URL to replace it.
+struct PgWriter {
+    conn: AnyConnection,
+    url: String,
+}
+
+impl BatchWriter for PgWriter {
+    async fn recv(&mut self, rx: &mut mpsc::Receiver<Op>) -> Option<Op> {
+        rx.recv().await
     }
-    w.close();
+
+    async fn write(&mut self, ops: &[Op], node_id: &str) -> BatchResult {
+        write::write_batch(&mut self.conn, ops, node_id).await
+    }
+
+    /// Reconnect if the connection broke (a database restart).
+    async fn recover(&mut self) {
+        if self.conn.ping().await.is_err() {
+            match AnyConnection::connect(&self.url).await {
+                Ok(c) => self.conn = c,
+                Err(e) => {
+                    tracing::error!(error = %StoreError::from(e), "store writer cannot reconnect")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::{AnyConnection, Connection};
+
+    use crate::session::{SessionFactory, Write};
+    use crate::store::tests::{
+        a_rejected_session_fails_alone_on, commit_events, ctx, pg_url, store_on,
+    };
+    use crate::store::Store;
+
+    #[tokio::test]
+    async fn a_session_the_database_rejects_fails_alone_and_fails_its_gate_on_postgres() {
+        let Some(url) = pg_url() else { return };
+        let store = store_on(&url).await;
+        a_rejected_session_fails_alone_on(&store).await;
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_writer_reconnects_when_its_connection_is_cut_on_postgres() {
+        let Some(url) = pg_url() else { return };
+        // A name of its own, so only this store's connections are cut.
+        let app = crate::ids::connection_id();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let store = store_on(&format!("{url}{sep}application_name={app}")).await;
+        let sessions = SessionFactory::new(store.clone());
+        let a = ctx("alice");
+        let mut s = sessions.create_session_from_context(&a);
+        s.stage(Write::CreateThread);
+        s.commit().await.unwrap();
+        assert_eq!(commit_events(&sessions, &a, 0..1).await, vec![1]);
+        // Every connection of the store, the writer's among them, ends as in a database
+        // restart; each termination is waited for.
+        sqlx::any::install_default_drivers();
+        let mut admin = AnyConnection::connect(&url).await.unwrap();
+        let cut: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(&app)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert!(cut.len() >= 2 && cut.iter().all(|c| *c), "{cut:?}");
+        // The writer's batch fails on the dead connection, and the retry runs on a new one.
+        assert_eq!(commit_events(&sessions, &a, 1..3).await, vec![2, 3]);
+        store.close().await;
+    }
 }

@@ -11,13 +11,17 @@ mod checkpoint;
 mod seq_cache;
 mod write;
 
+use std::future::Future;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::pin::pin;
+use std::task::{Context, Waker};
+use std::time::Duration;
 
 use sqlx::{AnyConnection, Executor};
+use tokio::sync::mpsc;
 
 use self::seq_cache::SeqCache;
-use super::writer::{alone, Done, Writer};
+use super::writer::{BatchResult, BatchWriter, Done, Op, Writer};
 use super::StoreError;
 
 impl From<rusqlite::Error> for StoreError {
@@ -99,39 +103,59 @@ pub(super) fn start(path: PathBuf, synchronous: &str, mut w: Writer) -> Result<(
         })
         .map_err(|e| StoreError::Config(format!("cannot start the publisher: {e}")))?;
     w.publish_through(publisher);
-    let mut checkpoints = checkpoint::spawn(ck)?;
+    let checkpoints = checkpoint::spawn(ck)?;
     std::thread::Builder::new()
         .name("tether-sqlite-writer".into())
         .spawn(move || {
-            let mut conn = conn;
-            let mut seqs = SeqCache::default();
-            while w.shutdown.is_none() {
-                let Some(first) = w.rx.blocking_recv() else {
-                    break;
-                };
-                let batch = w.batch(first);
-                if batch.is_empty() {
-                    continue;
-                }
-                let started = Instant::now();
-                let results = match write::write_batch(&mut conn, &mut seqs, &batch, &w.node_id) {
-                    Ok(results) => results,
-                    Err(e) => {
-                        tracing::warn!(error = %e, ops = batch.len(), "group commit failed; retrying each session alone");
-                        batch
-                            .chunks(1)
-                            .map(|op| alone(write::write_batch(&mut conn, &mut seqs, op, &w.node_id), op))
-                            .collect()
-                    }
-                };
-                w.finish(batch, results, started);
-                checkpoints.written();
-            }
-            // Before the shutdown is confirmed: the database file gets the last commits, so a
-            // copy of it without its `-wal` file is current too.
-            checkpoint::checkpoint(&conn);
-            w.close();
+            run_here(w.run(SqliteWriter {
+                conn,
+                seqs: SeqCache::default(),
+                checkpoints,
+            }))
         })
         .map_err(|e| StoreError::Config(format!("cannot start the SQLite writer: {e}")))?;
     Ok(())
+}
+
+/// The writer thread's side of a batch: its connection, its seq cache, its checkpointer.
+struct SqliteWriter {
+    conn: rusqlite::Connection,
+    seqs: SeqCache,
+    checkpoints: checkpoint::Kicker,
+}
+
+/// Every method returns without waiting on a future: the thread blocks instead (it has no
+/// runtime to yield to), so [`run_here`] can drive the loop.
+impl BatchWriter for SqliteWriter {
+    async fn recv(&mut self, rx: &mut mpsc::Receiver<Op>) -> Option<Op> {
+        rx.blocking_recv()
+    }
+
+    async fn write(&mut self, ops: &[Op], node_id: &str) -> BatchResult {
+        write::write_batch(&mut self.conn, &mut self.seqs, ops, node_id)
+    }
+
+    fn written(&mut self) {
+        self.checkpoints.written();
+    }
+
+    fn stopping(&mut self) {
+        // Before the shutdown is confirmed: the database file gets the last commits, so a
+        // copy of it without its `-wal` file is current too.
+        checkpoint::checkpoint(&self.conn);
+    }
+}
+
+/// Run the writer loop on this thread, to its end, without an async runtime: with
+/// [`SqliteWriter`] nothing in it ever waits on a future (waiting for ops blocks the thread),
+/// so the first poll completes it.
+fn run_here(writer: impl Future<Output = ()>) {
+    let mut writer = pin!(writer);
+    let polled = writer
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()));
+    assert!(
+        polled.is_ready(),
+        "the SQLite writer waited on a future; it must block instead"
+    );
 }
