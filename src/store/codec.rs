@@ -9,7 +9,7 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::StoreError;
+use super::{DbErrorKind, StoreError};
 
 /// Append `frame` to a row's text.
 pub(super) fn push_frame(row: &mut String, frame: &str) {
@@ -43,8 +43,12 @@ pub(super) fn unpack(row: &AnyRow, idx: usize, seq: u64) -> Result<String, Store
         return Ok(row.try_get(idx)?);
     }
     let bytes: &[u8] = row.try_get(idx)?;
-    let corrupt =
-        |why: &str| StoreError::Database(format!("corrupt thread_events row (seq {seq}): {why}"));
+    let corrupt = |why: &str| {
+        StoreError::database(
+            DbErrorKind::Corrupt,
+            format!("corrupt thread_events row (seq {seq}): {why}"),
+        )
+    };
     let size = bytes
         .get(..4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -66,7 +70,7 @@ pub(super) fn u64_of(row: &AnyRow, idx: usize) -> Result<u64, StoreError> {
 #[cfg(test)]
 mod tests {
     use crate::store::tests::{close, commit_events, ctx, insert_row, store, store_with_thread};
-    use crate::store::Store;
+    use crate::store::{DbErrorKind, Store};
 
     #[tokio::test]
     async fn sqlite_packs_frame_rows_and_still_reads_text_rows() {
@@ -120,6 +124,7 @@ mod tests {
                 .unwrap();
             insert_row(&store, a.thread_id(), seq, blob).await;
             let err = store.events_since(a.thread_id(), 0, 10).await.unwrap_err();
+            assert_eq!(err.db_kind(), Some(DbErrorKind::Corrupt), "{err:?}");
             let err = err.to_string();
             assert!(err.contains("corrupt thread_events row"), "{err}");
             assert!(err.contains(why), "{err}");

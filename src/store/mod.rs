@@ -66,15 +66,21 @@ use crate::session::Write;
 pub use schema::SCHEMA_LOCK;
 
 /// Errors at the store boundary. Messages never contain credentials (connection URLs are not
-/// included).
+/// included). Cheap to clone: a database error shares its cause.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A session gated on a user message ([`crate::session::Gate`]) whose session failed.
     #[error("the user message of this run was not stored")]
     MessageNotStored,
-    /// The database failed.
-    #[error("database error: {0}")]
-    Database(String),
+    /// The database failed; [`StoreError::db_kind`] says how.
+    #[error("database error: {source}")]
+    Database {
+        /// What kind of failure it is.
+        kind: DbErrorKind,
+        /// The driver's error (sqlx or rusqlite), or what the store found wrong.
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
     /// The session's thread does not exist, or is not its user's.
     #[error("thread not found for this user")]
     ThreadNotFound,
@@ -86,15 +92,93 @@ pub enum StoreError {
     Config(String),
 }
 
+/// What kind of failure a [`StoreError::Database`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DbErrorKind {
+    /// The connection failed or was lost: I/O, TLS, the pool closed or timed out, the server
+    /// shutting down or not yet accepting connections. A new connection may succeed.
+    ConnectionLost,
+    /// A constraint rejected a row (unique, foreign key, not null, check): retrying the same
+    /// writes fails again.
+    Constraint,
+    /// Stored data cannot be read back as it was written (a damaged row or file).
+    Corrupt,
+    /// Anything else (an SQL error, a busy database, a value that does not decode).
+    Other,
+}
+
+impl StoreError {
+    /// A database error of `kind` caused by `source`.
+    pub(crate) fn database(
+        kind: DbErrorKind,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        StoreError::Database {
+            kind,
+            source: Arc::from(source.into()),
+        }
+    }
+
+    /// The kind of a database error; `None` for the other errors.
+    pub fn db_kind(&self) -> Option<DbErrorKind> {
+        match self {
+            StoreError::Database { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    /// Whether the database connection failed or was lost (a database restart, a network cut),
+    /// rather than the database refusing what was asked.
+    pub fn is_connection_lost(&self) -> bool {
+        self.db_kind() == Some(DbErrorKind::ConnectionLost)
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        // sqlx errors carry no connection strings; Configuration errors may, so drop their text.
-        match e {
-            sqlx::Error::Configuration(_) => {
-                StoreError::Config("bad database configuration".into())
+        use sqlx::Error as E;
+        let kind = match &e {
+            // sqlx errors carry no connection strings; Configuration errors may, so drop their
+            // text.
+            E::Configuration(_) => {
+                return StoreError::Config("bad database configuration".into());
             }
-            other => StoreError::Database(other.to_string()),
+            E::Io(_) | E::Tls(_) | E::PoolTimedOut | E::PoolClosed | E::WorkerCrashed => {
+                DbErrorKind::ConnectionLost
+            }
+            E::Database(db) => db_error_kind(db.as_ref()),
+            _ => DbErrorKind::Other,
+        };
+        StoreError::database(kind, e)
+    }
+}
+
+/// The kind of an error the database itself reported (SQLite through sqlx, or PostgreSQL).
+fn db_error_kind(db: &dyn sqlx::error::DatabaseError) -> DbErrorKind {
+    use sqlx::error::ErrorKind;
+    match db.kind() {
+        ErrorKind::UniqueViolation
+        | ErrorKind::ForeignKeyViolation
+        | ErrorKind::NotNullViolation
+        | ErrorKind::CheckViolation => return DbErrorKind::Constraint,
+        _ => {}
+    }
+    match db.code().as_deref() {
+        // PostgreSQL: connection exceptions (class 08); the server shutting down, crashed, or
+        // not accepting connections yet (57P01-57P03).
+        Some(c) if c.starts_with("08") || matches!(c, "57P01" | "57P02" | "57P03") => {
+            DbErrorKind::ConnectionLost
         }
+        // PostgreSQL: data_corrupted, index_corrupted.
+        Some("XX001" | "XX002") => DbErrorKind::Corrupt,
+        // SQLite: the (extended) result code; its low byte SQLITE_CORRUPT (11) or
+        // SQLITE_NOTADB (26).
+        Some(c) => match c.parse::<i32>() {
+            Ok(n) if matches!(n & 0xff, 11 | 26) => DbErrorKind::Corrupt,
+            _ => DbErrorKind::Other,
+        },
+        None => DbErrorKind::Other,
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{EventPage, SqlStore, Store, StoreError, StoreOptions};
+use super::{DbErrorKind, EventPage, SqlStore, Store, StoreError, StoreOptions};
 use crate::broker::LocalBroker;
 use crate::context::ThreadChoice;
 use crate::context::{OwnedThread, UserExecutionContext};
@@ -192,7 +192,11 @@ pub(super) async fn a_rejected_session_fails_alone_on(store: &Arc<SqlStore>) {
     let after = submit(&sessions, &a, [event(3)]).await;
     assert_eq!(before.await.unwrap().unwrap(), vec![1]);
     let rejected = again.await.unwrap().unwrap_err();
-    assert!(matches!(rejected, StoreError::Database(_)), "{rejected:?}");
+    assert_eq!(
+        rejected.db_kind(),
+        Some(DbErrorKind::Constraint),
+        "{rejected:?}"
+    );
     assert!(matches!(
         gated.await.unwrap(),
         Err(StoreError::MessageNotStored)
@@ -384,4 +388,39 @@ async fn a_dropped_session_writes_nothing() {
         .unwrap()
         .is_none());
     close(store, dir).await;
+}
+
+#[tokio::test]
+async fn a_lost_connection_is_told_from_a_rejected_row() {
+    let (store, dir, _sessions, a) = store_with_thread("alice").await;
+    let dup = sqlx::query("INSERT INTO threads (thread_id, user_id, created_at, updated_at) VALUES ($1, 'alice', 0, 0)")
+        .bind(a.thread_id())
+        .execute(&store.pool)
+        .await
+        .map_err(StoreError::from)
+        .unwrap_err();
+    assert_eq!(dup.db_kind(), Some(DbErrorKind::Constraint), "{dup:?}");
+    assert!(!dup.is_connection_lost());
+    store.pool.close().await;
+    let lost = store.ping().await.unwrap_err();
+    assert!(lost.is_connection_lost(), "{lost:?}");
+    close(store, dir).await;
+}
+
+#[tokio::test]
+async fn a_bad_database_url_is_refused_without_showing_it() {
+    let reg = Registry::new(Limits::default());
+    for url in [
+        "postgres://tether:hunter2@127.0.0.1:5432/tether?sslmode=hunter2",
+        "mysql://tether:hunter2@127.0.0.1/tether",
+    ] {
+        let mut opts = StoreOptions::sqlite_in(std::path::Path::new("/nonexistent"));
+        opts.url = url.into();
+        let err = SqlStore::open(opts, Arc::new(LocalBroker::new(reg.clone())))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
 }

@@ -57,7 +57,7 @@ mod tests {
     use crate::store::tests::{
         a_rejected_session_fails_alone_on, commit_events, ctx, pg_url, store_on,
     };
-    use crate::store::Store;
+    use crate::store::{Store, StoreError};
 
     #[tokio::test]
     async fn a_session_the_database_rejects_fails_alone_and_fails_its_gate_on_postgres() {
@@ -81,9 +81,13 @@ mod tests {
         s.commit().await.unwrap();
         assert_eq!(commit_events(&sessions, &a, 0..1).await, vec![1]);
         // Every connection of the store, the writer's among them, ends as in a database
-        // restart; each termination is waited for.
+        // restart; each termination is waited for. One more under the same name shows what
+        // the writer's failed batch saw.
         sqlx::any::install_default_drivers();
         let mut admin = AnyConnection::connect(&url).await.unwrap();
+        let mut doomed = AnyConnection::connect(&format!("{url}{sep}application_name={app}"))
+            .await
+            .unwrap();
         let cut: Vec<bool> = sqlx::query_scalar(
             "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE application_name = $1",
         )
@@ -91,7 +95,14 @@ mod tests {
         .fetch_all(&mut admin)
         .await
         .unwrap();
-        assert!(cut.len() >= 2 && cut.iter().all(|c| *c), "{cut:?}");
+        assert!(cut.len() >= 3 && cut.iter().all(|c| *c), "{cut:?}");
+        let lost = StoreError::from(
+            sqlx::query("SELECT 1")
+                .execute(&mut doomed)
+                .await
+                .unwrap_err(),
+        );
+        assert!(lost.is_connection_lost(), "{lost:?}");
         // The writer's batch fails on the dead connection, and the retry runs on a new one.
         assert_eq!(commit_events(&sessions, &a, 1..3).await, vec![2, 3]);
         store.close().await;

@@ -22,11 +22,17 @@ use tokio::sync::mpsc;
 
 use self::seq_cache::SeqCache;
 use super::writer::{BatchResult, BatchWriter, Done, Op, Writer};
-use super::StoreError;
+use super::{DbErrorKind, StoreError};
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        StoreError::Database(e.to_string())
+        use rusqlite::ErrorCode as C;
+        let kind = match e.sqlite_error_code() {
+            Some(C::ConstraintViolation) => DbErrorKind::Constraint,
+            Some(C::DatabaseCorrupt | C::NotADatabase) => DbErrorKind::Corrupt,
+            _ => DbErrorKind::Other,
+        };
+        StoreError::database(kind, e)
     }
 }
 

@@ -9,7 +9,7 @@ use crate::ids::unix_ms;
 use crate::store::codec::pack;
 use crate::store::plan::{new_threads, plan, seq_requests, NextSeqs, RunFinish};
 use crate::store::writer::{BatchResult, Op};
-use crate::store::StoreError;
+use crate::store::{DbErrorKind, StoreError};
 
 /// Write `ops` in one `IMMEDIATE` transaction: new threads, the `seq`s reserved thread by
 /// thread (a compare-and-set against `seqs`), then events, messages, runs and audit rows, each
@@ -62,8 +62,9 @@ pub(super) fn write_batch(
                         // Just read inside this IMMEDIATE transaction: the compare must hold,
                         // or the seqs handed out below were never reserved.
                         if bump.execute(params![b + n, now, t, u, l])? != 1 {
-                            return Err(StoreError::Database(
-                                "thread seq reservation changed no row".into(),
+                            return Err(StoreError::database(
+                                DbErrorKind::Other,
+                                "thread seq reservation changed no row",
                             ));
                         }
                         base = Some(b);
