@@ -6,6 +6,7 @@
 //! `thread_events` is the codec's.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::codec;
 use super::writer::{Applied, Op, Outcome};
@@ -14,7 +15,7 @@ use crate::broker::Delivery;
 use crate::context::UserExecutionContext;
 use crate::protocol::{self, FrameMeta, PreparedFrame};
 use crate::registry::OutFrame;
-use crate::session::{NewEvent, Write};
+use crate::session::{AckTo, NewEvent, Write};
 
 /// One `thread_events` row: the consecutive events of one thread in one batch (see `codec`).
 pub(super) struct EventRow<'a> {
@@ -113,125 +114,36 @@ pub(super) fn plan<'a>(
     next: &mut NextSeqs<'a>,
     now: i64,
 ) -> (Rows<'a>, Vec<Outcome>) {
+    let mut planner = Planner {
+        rows: Rows::default(),
+        // One time for the whole batch: it commits as one.
+        ts: protocol::rfc3339_ms(now as u64),
+        event_row: HashMap::default(),
+    };
     let mut results: Vec<Outcome> = Vec::with_capacity(ops.len());
-    let mut rows = Rows::default();
-    // One time for the whole batch: it commits as one.
-    let ts = protocol::rfc3339_ms(now as u64);
-    // The row of each thread's events in this batch (their seqs are consecutive).
-    let mut event_row: HashMap<&str, usize> = Default::default();
     for op in ops {
+        results.push(planner.op(op, next));
+    }
+    (planner.rows, results)
+}
+
+/// [`plan`]'s state while it walks a batch.
+struct Planner<'a> {
+    rows: Rows<'a>,
+    /// The batch's time, formatted once.
+    ts: String,
+    /// The row of each thread's events in this batch (their seqs are consecutive).
+    event_row: HashMap<&'a str, usize>,
+}
+
+impl<'a> Planner<'a> {
+    /// One op's rows and outcome.
+    fn op(&mut self, op: &'a Op, next: &mut NextSeqs<'a>) -> Outcome {
         match op {
-            Op::Session { ctx, writes, .. } => {
-                // Checked in batch order: a gate shut by an earlier op of this batch counts.
-                if op.blocked() {
-                    op.fail_gates();
-                    results.push(Err(StoreError::MessageNotStored));
-                    continue;
-                }
-                let has_events = writes.iter().any(|w| matches!(w, Write::Event(_)));
-                let mut seq_slot = next
-                    .get_mut(ctx.thread_id())
-                    .filter(|(user, _)| *user == ctx.user_id())
-                    .map(|(_, seq)| seq);
-                if has_events && seq_slot.is_none() {
-                    op.fail_gates();
-                    results.push(Err(StoreError::ThreadNotFound));
-                    continue;
-                }
-                let mut applied = Applied::default();
-                for w in writes {
-                    match w {
-                        Write::CreateThread => {}
-                        Write::Event(ev) => {
-                            let Some(slot) = seq_slot.as_deref_mut() else {
-                                continue;
-                            };
-                            let seq = *slot;
-                            *slot += 1;
-                            let text = match &ev.prepared {
-                                Some(p) => p.finish(seq, &ts),
-                                None => prepare(ctx, ev).finish(seq, &ts),
-                            };
-                            applied.seqs.push(seq);
-                            let ack = ev.ack.as_ref().map(|a| {
-                                let ack = protocol::frame_at(
-                                    "ack",
-                                    FrameMeta {
-                                        thread_id: Some(ctx.thread_id()),
-                                        seq: Some(seq),
-                                        reply_to: ev.reply_to.as_deref(),
-                                        ..Default::default()
-                                    },
-                                    &ts,
-                                    &protocol::AckData {
-                                        message_id: &a.message_id,
-                                        run_id: &a.run_id,
-                                        seq,
-                                    },
-                                );
-                                (ctx.connection_id_arc().clone(), OutFrame::new(seq, ack))
-                            });
-                            applied.deliveries.push(Delivery::thread(
-                                ctx,
-                                OutFrame::new(seq, text.as_str()),
-                                ack,
-                            ));
-                            match event_row.get(ctx.thread_id()) {
-                                Some(&i) => {
-                                    let row = &mut rows.events[i];
-                                    row.seq = seq as i64;
-                                    row.kind = ev.kind;
-                                    row.run_id = ev.run_id.as_deref();
-                                    codec::push_frame(&mut row.frame, &text);
-                                }
-                                None => {
-                                    event_row.insert(ctx.thread_id(), rows.events.len());
-                                    rows.events.push(EventRow {
-                                        thread_id: ctx.thread_id(),
-                                        seq: seq as i64,
-                                        kind: ev.kind,
-                                        run_id: ev.run_id.as_deref(),
-                                        frame: text,
-                                    });
-                                }
-                            }
-                        }
-                        Write::Message {
-                            message_id,
-                            role,
-                            content,
-                            run_id,
-                        } => rows.messages.push(MessageRow {
-                            ctx,
-                            message_id,
-                            run_id: run_id.as_deref(),
-                            role: role.as_str(),
-                            content,
-                        }),
-                        Write::RunStarted { run } => rows.runs.push(run),
-                        Write::RunFinished {
-                            status,
-                            duration_ms,
-                            error_code,
-                        } => rows.finishes.push(RunFinish {
-                            run_id: ctx.run_id(),
-                            status,
-                            duration_ms: *duration_ms as i64,
-                            error_code: error_code.as_deref(),
-                        }),
-                        Write::Opens(_) | Write::Requires(_) => {}
-                        Write::Transient { text } => {
-                            let mut frame = OutFrame::new(0, text.as_str());
-                            frame.droppable = true;
-                            applied.deliveries.push(Delivery::thread(ctx, frame, None));
-                        }
-                    }
-                }
-                results.push(Ok(applied));
-            }
+            Op::Session { ctx, writes, .. } => self.session(op, ctx, writes, next),
             Op::AuditOpen { ctx, at } => {
-                rows.opens.push((ctx, *at));
-                results.push(Ok(Applied::default()));
+                self.rows.opens.push((ctx, *at));
+                Ok(Applied::default())
             }
             Op::AuditClose {
                 connection_id,
@@ -239,14 +151,169 @@ pub(super) fn plan<'a>(
                 reason,
                 at,
             } => {
-                rows.closes
+                self.rows
+                    .closes
                     .push((connection_id, *at, reason, i64::from(*code)));
-                results.push(Ok(Applied::default()));
+                Ok(Applied::default())
             }
-            Op::Shutdown { .. } => results.push(Ok(Applied::default())),
+            Op::Shutdown { .. } => Ok(Applied::default()),
         }
     }
-    (rows, results)
+
+    /// A session's rows, frames and seqs; or, if it is blocked by a gate or its thread is not
+    /// its user's, its failure (it then writes nothing, and fails the gates it opens).
+    fn session(
+        &mut self,
+        op: &'a Op,
+        ctx: &'a UserExecutionContext,
+        writes: &'a [Write],
+        next: &mut NextSeqs<'a>,
+    ) -> Outcome {
+        // Checked in batch order: a gate shut by an earlier op of this batch counts.
+        if op.blocked() {
+            op.fail_gates();
+            return Err(StoreError::MessageNotStored);
+        }
+        let has_events = writes.iter().any(|w| matches!(w, Write::Event(_)));
+        let mut seq_slot = next
+            .get_mut(ctx.thread_id())
+            .filter(|(user, _)| *user == ctx.user_id())
+            .map(|(_, seq)| seq);
+        if has_events && seq_slot.is_none() {
+            op.fail_gates();
+            return Err(StoreError::ThreadNotFound);
+        }
+        let mut applied = Applied::default();
+        for w in writes {
+            self.write(ctx, w, seq_slot.as_deref_mut(), &mut applied);
+        }
+        Ok(applied)
+    }
+
+    /// One staged write of a session that passed; `seq_slot` is its thread's next seq.
+    fn write(
+        &mut self,
+        ctx: &'a UserExecutionContext,
+        w: &'a Write,
+        seq_slot: Option<&mut u64>,
+        applied: &mut Applied,
+    ) {
+        match w {
+            Write::CreateThread => {}
+            Write::Event(ev) => {
+                let Some(slot) = seq_slot else {
+                    return;
+                };
+                let seq = *slot;
+                *slot += 1;
+                self.event(ctx, ev, seq, applied);
+            }
+            Write::Message {
+                message_id,
+                role,
+                content,
+                run_id,
+            } => self.rows.messages.push(MessageRow {
+                ctx,
+                message_id,
+                run_id: run_id.as_deref(),
+                role: role.as_str(),
+                content,
+            }),
+            Write::RunStarted { run } => self.rows.runs.push(run),
+            Write::RunFinished {
+                status,
+                duration_ms,
+                error_code,
+            } => self.rows.finishes.push(RunFinish {
+                run_id: ctx.run_id(),
+                status,
+                duration_ms: *duration_ms as i64,
+                error_code: error_code.as_deref(),
+            }),
+            Write::Opens(_) | Write::Requires(_) => {}
+            Write::Transient { text } => {
+                let mut frame = OutFrame::new(0, text.as_str());
+                frame.droppable = true;
+                applied.deliveries.push(Delivery::thread(ctx, frame, None));
+            }
+        }
+    }
+
+    /// An event with its seq: its frame, its delivery (with an `ack` for the sender if it
+    /// asks for one), and its place in its thread's row.
+    fn event(
+        &mut self,
+        ctx: &'a UserExecutionContext,
+        ev: &'a NewEvent,
+        seq: u64,
+        applied: &mut Applied,
+    ) {
+        let text = match &ev.prepared {
+            Some(p) => p.finish(seq, &self.ts),
+            None => prepare(ctx, ev).finish(seq, &self.ts),
+        };
+        applied.seqs.push(seq);
+        let ack = ev
+            .ack
+            .as_ref()
+            .map(|to| ack(ctx, ev.reply_to.as_deref(), to, seq, &self.ts));
+        applied.deliveries.push(Delivery::thread(
+            ctx,
+            OutFrame::new(seq, text.as_str()),
+            ack,
+        ));
+        self.append(ctx.thread_id(), ev, seq, text);
+    }
+
+    /// Add an event's frame to its thread's row in this batch, or start that row.
+    fn append(&mut self, thread_id: &'a str, ev: &'a NewEvent, seq: u64, text: String) {
+        match self.event_row.get(thread_id) {
+            Some(&i) => {
+                let row = &mut self.rows.events[i];
+                row.seq = seq as i64;
+                row.kind = ev.kind;
+                row.run_id = ev.run_id.as_deref();
+                codec::push_frame(&mut row.frame, &text);
+            }
+            None => {
+                self.event_row.insert(thread_id, self.rows.events.len());
+                self.rows.events.push(EventRow {
+                    thread_id,
+                    seq: seq as i64,
+                    kind: ev.kind,
+                    run_id: ev.run_id.as_deref(),
+                    frame: text,
+                });
+            }
+        }
+    }
+}
+
+/// The `ack` the sender of a user message gets instead of the event: its connection and frame.
+fn ack(
+    ctx: &UserExecutionContext,
+    reply_to: Option<&str>,
+    to: &AckTo,
+    seq: u64,
+    ts: &str,
+) -> (Arc<str>, OutFrame) {
+    let ack = protocol::frame_at(
+        "ack",
+        FrameMeta {
+            thread_id: Some(ctx.thread_id()),
+            seq: Some(seq),
+            reply_to,
+            ..Default::default()
+        },
+        ts,
+        &protocol::AckData {
+            message_id: &to.message_id,
+            run_id: &to.run_id,
+            seq,
+        },
+    );
+    (ctx.connection_id_arc().clone(), OutFrame::new(seq, ack))
 }
 
 /// A thread event's frame, serialized up to its `seq` and time.

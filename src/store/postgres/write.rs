@@ -8,11 +8,14 @@
 
 use sqlx::{AnyConnection, Connection, Row};
 
+use crate::context::UserExecutionContext;
 use crate::ids::unix_ms;
 use crate::store::codec::u64_of;
-use crate::store::plan::{new_threads, plan, seq_requests, NextSeqs};
-use crate::store::writer::BatchResult;
-use crate::store::writer::Op;
+use crate::store::plan::{
+    new_threads, plan, seq_requests, EventRow, MessageRow, NextSeqs, RunFinish,
+};
+use crate::store::writer::{BatchResult, Op};
+use crate::store::StoreError;
 
 /// Rows per multi-row statement (well under PostgreSQL's limit of 65,535 bind parameters).
 const ROWS_PER_STATEMENT: usize = 256;
@@ -121,8 +124,20 @@ pub(super) async fn write_batch(
 ) -> BatchResult {
     let now = unix_ms() as i64;
     let mut tx = conn.begin().await?;
+    insert_threads(&mut tx, ops, now).await?;
+    let mut next = reserve_seqs(&mut tx, ops, now).await?;
+    let (rows, results) = plan(ops, &mut next, now);
+    insert_events(&mut tx, &rows.events, now).await?;
+    insert_messages(&mut tx, &rows.messages, now).await?;
+    insert_runs(&mut tx, &rows.runs, now).await?;
+    finish_runs(&mut tx, &rows.finishes, now).await?;
+    insert_opens(&mut tx, &rows.opens, node_id).await?;
+    close_connections(&mut tx, &rows.closes).await?;
+    tx.commit().await?;
+    Ok(results)
+}
 
-    // 1. New threads.
+async fn insert_threads(tx: &mut AnyConnection, ops: &[Op], now: i64) -> Result<(), StoreError> {
     let new_threads = new_threads(ops);
     execute_chunks!(
         tx,
@@ -140,10 +155,18 @@ pub(super) async fn write_batch(
             .bind(now)
             .bind(0i64),
     );
+    Ok(())
+}
 
-    // 2. Reserve seqs.
+/// Reserve the seqs each thread of the batch needs, one `UPDATE .. RETURNING` per chunk of
+/// threads: the next seq of each thread whose user owns it.
+async fn reserve_seqs<'a>(
+    tx: &mut AnyConnection,
+    ops: &'a [Op],
+    now: i64,
+) -> Result<NextSeqs<'a>, StoreError> {
     let wanted = seq_requests(ops);
-    let mut next: NextSeqs<'_> = NextSeqs::with_capacity(wanted.len());
+    let mut next: NextSeqs<'a> = NextSeqs::with_capacity(wanted.len());
     for chunk in pow2_chunks(&wanted) {
         let sql = format!(
             "UPDATE threads SET last_seq = GREATEST(threads.last_seq, 0) + v.n, updated_at = $1 FROM {} \
@@ -158,21 +181,24 @@ pub(super) async fn write_batch(
             let thread: String = row.try_get(0)?;
             let user: String = row.try_get(1)?;
             let last = u64_of(&row, 2)?;
-            if let Some((t, u, n)) = chunk.iter().find(|(t, u, _)| *t == thread && *u == user) {
+            if let Some(&(t, u, n)) = chunk.iter().find(|(t, u, _)| *t == thread && *u == user) {
                 // `last_seq` is at least `n` (a negative one edited by hand counts as 0, as
                 // on SQLite), so this cannot underflow.
-                next.insert(t, (u, last + 1 - *n as u64));
+                next.insert(t, (u, last + 1 - n as u64));
             }
         }
     }
+    Ok(next)
+}
 
-    // 3. Frames, rows, results.
-    let (rows, results) = plan(ops, &mut next, now);
-
-    // 4. The rows.
+async fn insert_events(
+    tx: &mut AnyConnection,
+    events: &[EventRow<'_>],
+    now: i64,
+) -> Result<(), StoreError> {
     execute_chunks!(
         tx,
-        rows.events,
+        events,
         |n| values_sql(
             "INSERT INTO thread_events (thread_id, seq, kind, run_id, created_at, frame) VALUES ",
             6,
@@ -187,9 +213,17 @@ pub(super) async fn write_batch(
             .bind(now)
             .bind(e.frame.as_str()),
     );
+    Ok(())
+}
+
+async fn insert_messages(
+    tx: &mut AnyConnection,
+    messages: &[MessageRow<'_>],
+    now: i64,
+) -> Result<(), StoreError> {
     execute_chunks!(
         tx,
-        rows.messages,
+        messages,
         |n| {
             values_sql(
                 "INSERT INTO messages (message_id, thread_id, user_id, run_id, request_id, role, content, created_at) VALUES ",
@@ -209,9 +243,18 @@ pub(super) async fn write_batch(
                 .bind(now)
         },
     );
+    Ok(())
+}
+
+/// Insert the runs started in this batch as running ([`finish_runs`] follows).
+async fn insert_runs(
+    tx: &mut AnyConnection,
+    runs: &[&UserExecutionContext],
+    now: i64,
+) -> Result<(), StoreError> {
     execute_chunks!(
         tx,
-        rows.runs,
+        runs,
         |n| {
             values_sql(
                 "INSERT INTO runs (run_id, thread_id, user_id, request_id, connection_id, parent_run_id, status, started_at) VALUES ",
@@ -231,7 +274,16 @@ pub(super) async fn write_batch(
                 .bind(now)
         },
     );
-    for chunk in pow2_chunks(&rows.finishes) {
+    Ok(())
+}
+
+/// Finish runs, of this batch or earlier ones.
+async fn finish_runs(
+    tx: &mut AnyConnection,
+    finishes: &[RunFinish<'_>],
+    now: i64,
+) -> Result<(), StoreError> {
+    for chunk in pow2_chunks(finishes) {
         let sql = format!(
             "UPDATE runs SET status = v.status, finished_at = $1, duration_ms = v.dur, error_code = v.err FROM {} WHERE runs.run_id = v.rid",
             inline_table(&[("rid", "TEXT"), ("status", "TEXT"), ("dur", "BIGINT"), ("err", "TEXT")], chunk.len(), 2)
@@ -246,9 +298,17 @@ pub(super) async fn write_batch(
         }
         q.execute(&mut *tx).await?;
     }
+    Ok(())
+}
+
+async fn insert_opens(
+    tx: &mut AnyConnection,
+    opens: &[(&UserExecutionContext, i64)],
+    node_id: &str,
+) -> Result<(), StoreError> {
     execute_chunks!(
         tx,
-        rows.opens,
+        opens,
         |n| {
             values_sql(
                 "INSERT INTO connections (connection_id, node_id, user_id, thread_id, request_id, opened_at) VALUES ",
@@ -266,9 +326,16 @@ pub(super) async fn write_batch(
                 .bind(*at)
         },
     );
+    Ok(())
+}
+
+async fn close_connections(
+    tx: &mut AnyConnection,
+    closes: &[(&str, i64, &str, i64)],
+) -> Result<(), StoreError> {
     execute_chunks!(
         tx,
-        rows.closes,
+        closes,
         |n| {
             format!(
                 "UPDATE connections SET closed_at = v.at, close_code = v.code, close_reason = v.reason FROM {} \
@@ -278,8 +345,7 @@ pub(super) async fn write_batch(
         },
         |q, (cid, at, reason, code)| q.bind(*cid).bind(*at).bind(*reason).bind(*code),
     );
-    tx.commit().await?;
-    Ok(results)
+    Ok(())
 }
 
 #[cfg(test)]
