@@ -34,7 +34,7 @@
 //! | `schema` | the tables and indexes, created and migrated at open |
 //! | `read` | the queries over the pool: history, thread lists, ownership, audit rows |
 //! | `codec` | the `thread_events` row: frames joined, packed on SQLite, unpacked and split again |
-//! | `writer` | the group-commit queue: ops, batches, retrying each op alone, publishing in commit order |
+//! | `writer` | the group-commit queue and its one loop: ops, batches, retrying each op alone, publishing in commit order |
 //! | `plan` | what a batch writes, whatever the backend: seqs handed out, frames, rows, results |
 //! | `sqlite` | the writer, publisher and checkpointer threads; single-row prepared statements; the seq cache |
 //! | `postgres` | the writer task and its reconnection; multi-row statements |
@@ -343,7 +343,7 @@ impl SqlStore {
     ) -> Result<Arc<Self>, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = Backend::of(&opts.url)?;
-        // Checked whatever the backend.
+        // Checked whatever the backend, so a bad value shows before a switch to SQLite.
         let synchronous = sqlite::synchronous(&opts.sqlite_synchronous)?;
         let pool = connect(&opts, backend, synchronous.clone()).await?;
         schema::create(&pool, backend).await?;

@@ -1,7 +1,7 @@
-//! The SQLite backend. The writer is a thread that owns the write connection and the whole
-//! loop (waiting, writing, publishing, answering), so a batch costs no hop through the async
-//! runtime; a second thread publishes committed frames and answers waiters while the next
-//! batch is written; a third checkpoints the WAL (`checkpoint`). The pool's connections, used
+//! The SQLite backend. The writer is a thread that owns the write connection and runs the
+//! writer loop (waiting, writing, handing on), so a batch costs no hop through the async
+//! runtime; WAL checkpoints run on a second thread (`checkpoint`); a third publishes committed
+//! frames and answers waiters while the next batch is written. The pool's connections, used
 //! for reads and the schema, get the same journal and `synchronous` settings ([`pragmas`]).
 //!
 //! One batch as statements is `write`; the writer's guess of each thread's `last_seq` is
