@@ -8,7 +8,7 @@
 //!
 //! The session does not talk to the database itself: committing hands the staged writes to the
 //! store's group-commit writer ([`crate::store`]), which puts many sessions in one transaction
-//! (each in its own savepoint) and delivers their events, in `seq` order, only after the commit.
+//! (a session that fails is retried alone, so it cannot fail the others) and delivers their events, in `seq` order, only after the commit.
 
 use std::sync::Arc;
 
@@ -61,9 +61,6 @@ impl Role {
         }
     }
 }
-
-/// The old name, for the store until its split lands.
-pub(crate) use StagedWrite as Write;
 
 /// One write staged in a [`DbSession`], stored when the session commits (named apart from
 /// `std::io::Write`, which it would shadow).
