@@ -8,7 +8,8 @@
 //!
 //! The session does not talk to the database itself: committing hands the staged writes to the
 //! store's group-commit writer ([`crate::store`]), which puts many sessions in one transaction
-//! (a session that fails is retried alone, so it cannot fail the others) and delivers their events, in `seq` order, only after the commit.
+//! (a session that fails is retried alone, so it cannot fail the others) and delivers their
+//! events, in `seq` order, only after the commit.
 
 use std::sync::Arc;
 
