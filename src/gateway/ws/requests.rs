@@ -11,11 +11,12 @@ use super::connection::Connection;
 use super::end::End;
 use super::rate::RateCheck;
 use crate::agent::{drive_run, RunInput};
+use crate::context::UserExecutionContext;
 use crate::ids;
 use crate::metrics::{metrics, InKind, MismatchSource, OutKind};
 use crate::protocol::{self, ClientRequest, ErrorCode};
 use crate::registry::OutFrame;
-use crate::session::{AckTo, Gate, NewEvent, Role, StagedWrite};
+use crate::session::{AckTo, CommitReceipt, Gate, NewEvent, Role, StagedWrite};
 
 impl Connection {
     /// A text frame from the client.
@@ -178,6 +179,26 @@ impl Connection {
                     .await;
             }
         };
+        let input = RunInput {
+            content,
+            message_id,
+            after: Some(gate),
+        };
+        self.spawn_run(run_ctx, input, reply_to, receipt);
+        Ok(())
+    }
+
+    /// Start the run on the server's task tracker, in this connection's span. It starts now; its
+    /// sessions queue behind the message's and are stored only if it is. If the message is not
+    /// stored, the sender hears it at once and the run is cancelled (whatever it still emits is
+    /// refused by the gate).
+    fn spawn_run(
+        &self,
+        run_ctx: UserExecutionContext,
+        input: RunInput,
+        reply_to: Option<Arc<str>>,
+        message_stored: CommitReceipt,
+    ) {
         let cancel = self.st.runs_cancel.child_token();
         let guard = self.st.runs.insert(&run_ctx, cancel.clone());
         let st = self.st.clone();
@@ -186,14 +207,6 @@ impl Connection {
         self.st.tracker.spawn(
             async move {
                 let _guard = guard;
-                let input = RunInput {
-                    content,
-                    message_id,
-                    after: Some(gate),
-                };
-                // The run starts now; its sessions queue behind the message's and are stored
-                // only if it is. If the message is not stored, the sender hears it at once and
-                // the run is cancelled (whatever it still emits is refused by the gate).
                 let stop_run = cancel.clone();
                 let run = drive_run(
                     st.agent.clone(),
@@ -205,7 +218,7 @@ impl Connection {
                     st.config.agent.run_timeout,
                 );
                 let watch = async {
-                    let err = match receipt.await {
+                    let err = match message_stored.await {
                         Ok(Ok(_)) => return,
                         Ok(Err(e)) => e.to_string(),
                         Err(_) => "store closed".into(),
@@ -226,6 +239,5 @@ impl Connection {
             }
             .instrument(span),
         );
-        Ok(())
     }
 }
