@@ -8,7 +8,7 @@
 //! same WebSocket settings (no write buffer; a 4 KiB read buffer by default, `--read-buffer` to
 //! match `TETHER_WS_READ_BUFFER_BYTES`). There is no context, registry, store, broker or agent,
 //! and no authentication: any token is accepted and ignored. The difference between the two
-//! servers under `tether bench` is what Tether's machinery costs.
+//! servers under `tether-bench` is what Tether's machinery costs.
 //!
 //! ```sh
 //! cargo run --release --example baseline -- --listen 127.0.0.1:9201   # or BASELINE_LISTEN

@@ -36,8 +36,6 @@
 
 mod agent;
 mod auth;
-#[doc(hidden)]
-pub mod bench;
 mod broker;
 pub mod client;
 mod config;
