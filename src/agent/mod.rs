@@ -16,9 +16,14 @@
 //! fast run commits in the same transaction as its message. An agent with effects outside
 //! Tether (an HTTP agent calls a service) may therefore see a message whose commit then fails
 //! (a database failure); none of its events is stored then, and the sender gets an `error`.
-
-//! [`DemoAgent`] is the built-in agent. It is a demo and says so: no model, it counts the words
-//! of the message with a real (small) tool and echoes the text.
+//!
+//! | module | owns |
+//! |---|---|
+//! | `mod.rs` | the seam: [`Agent`] (its guarantee), [`RunInput`], [`AgentError`] |
+//! | `sink` | [`EventSink`]: the events an agent may emit |
+//! | `run` | the run's driver and the flusher that submits what the agent staged |
+//! | `runs` | the runs in progress on this node, for `cancel_run` |
+//! | `demo` | [`DemoAgent`], the built-in agent: no model, and it says so |
 
 mod demo;
 mod run;
