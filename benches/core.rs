@@ -157,7 +157,7 @@ fn store_commit(c: &mut Criterion) {
     let reg = Registry::new(Limits::default());
     let store = rt.block_on(async {
         let mut opts = StoreOptions::sqlite_in(&dir);
-        opts.sqlite_synchronous = "NORMAL".into();
+        opts.sqlite_synchronous = tether::SqliteSynchronous::Normal;
         SqlStore::open(opts, Arc::new(LocalBroker::new(reg.clone())))
             .await
             .unwrap()

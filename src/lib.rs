@@ -60,10 +60,10 @@ pub use config::{
 };
 pub use context::{ContextError, IsolationKey, OwnedThread, ThreadChoice, UserExecutionContext};
 pub use gateway::{ApiError, AppState, MAX_HEAD_BYTES};
-pub use metrics::{metrics, Metrics};
+pub use metrics::{metrics, Counter, Gauge, Histogram, Metrics};
 pub use registry::{
     ConnHandle, LimitError, Limits, OutFrame, Registry, RegistryGuard, RegistryStats, Scope,
 };
 pub use server::{shutdown_signal, Server, ServerError};
-pub use session::{DbSession, NewEvent, SessionFactory, StagedWrite};
-pub use store::{EventPage, SqlStore, Store, StoreError, StoreOptions, ThreadSummary};
+pub use session::{AckTo, DbSession, Gate, NewEvent, Role, SessionFactory, StagedWrite};
+pub use store::{DbErrorKind, EventPage, SqlStore, Store, StoreError, StoreOptions, ThreadSummary};

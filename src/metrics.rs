@@ -1,8 +1,9 @@
 //! Metrics: every figure the gateway exports, in one place.
 //!
 //! One process-wide [`Metrics`] (`metrics()`), plain atomics, rendered to the Prometheus text
-//! format by [`Metrics::render`]. Labels come only from the closed enums below: never a user,
-//! thread or connection id, so cardinality is fixed at compile time.
+//! format by [`Metrics::render`]. Labels come only from closed enums (the ones below, and the
+//! close-code table, `protocol::CloseCode`): never a user, thread or connection id, so
+//! cardinality is fixed at compile time.
 //!
 //! Gauges that the registry or the store already know (connections active, managers, sessions
 //! open) are read from them at render time by the caller, not duplicated here.
@@ -19,12 +20,15 @@ use crate::protocol::CloseCode;
 pub struct Counter(AtomicU64);
 
 impl Counter {
+    /// Add one.
     pub fn inc(&self) {
         self.0.fetch_add(1, Relaxed);
     }
+    /// Add `n`.
     pub fn add(&self, n: u64) {
         self.0.fetch_add(n, Relaxed);
     }
+    /// The count.
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
     }
@@ -35,12 +39,15 @@ impl Counter {
 pub struct Gauge(AtomicI64);
 
 impl Gauge {
+    /// Add one.
     pub fn inc(&self) {
         self.0.fetch_add(1, Relaxed);
     }
+    /// Take one away.
     pub fn dec(&self) {
         self.0.fetch_sub(1, Relaxed);
     }
+    /// The value.
     pub fn get(&self) -> i64 {
         self.0.load(Relaxed)
     }
@@ -65,6 +72,7 @@ impl Histogram {
         }
     }
 
+    /// Count one observation of `seconds`.
     pub fn observe(&self, seconds: f64) {
         let idx = self.bounds.partition_point(|b| *b < seconds);
         if let Some(b) = self.buckets.get(idx) {
@@ -74,6 +82,7 @@ impl Histogram {
         self.sum_us.fetch_add((seconds * 1e6) as u64, Relaxed);
     }
 
+    /// Observations so far.
     pub fn count(&self) -> u64 {
         self.count.load(Relaxed)
     }
@@ -142,10 +151,10 @@ macro_rules! closed_enum {
     ($(#[$m:meta])* $name:ident { $($variant:ident => $label:literal),+ $(,)? }) => {
         $(#[$m])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub enum $name { $($variant),+ }
+        pub(crate) enum $name { $($variant),+ }
         impl $name {
-            pub const ALL: &'static [$name] = &[$($name::$variant),+];
-            pub fn label(self) -> &'static str {
+            pub(crate) const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub(crate) fn label(self) -> &'static str {
                 match self { $($name::$variant => $label),+ }
             }
             fn index(self) -> usize { self as usize }
@@ -324,7 +333,7 @@ impl Metrics {
     }
 
     /// Count a thread id mismatch.
-    pub fn thread_mismatch(&self, source: MismatchSource) {
+    pub(crate) fn thread_mismatch(&self, source: MismatchSource) {
         self.thread_mismatches[source.index()].inc();
     }
     /// All thread id mismatches.
@@ -341,7 +350,7 @@ impl Metrics {
         self.connections_closed[idx].inc();
     }
     /// Count a per-user limit refusal.
-    pub fn limit_rejection(&self, kind: LimitKind) {
+    pub(crate) fn limit_rejection(&self, kind: LimitKind) {
         self.limit_rejections[kind.index()].inc();
     }
     /// All per-user limit refusals.
@@ -349,11 +358,11 @@ impl Metrics {
         self.limit_rejections.iter().map(Counter::get).sum()
     }
     /// Count a refusal before the upgrade.
-    pub fn handshake_rejected(&self, r: Rejection) {
+    pub(crate) fn handshake_rejected(&self, r: Rejection) {
         self.handshake_rejections[r.index()].inc();
     }
     /// Count a client frame.
-    pub fn message_in(&self, k: InKind) {
+    pub(crate) fn message_in(&self, k: InKind) {
         self.messages_in[k.index()].inc();
     }
     /// All client frames.
@@ -361,11 +370,11 @@ impl Metrics {
         self.messages_in.iter().map(Counter::get).sum()
     }
     /// Count a server frame.
-    pub fn message_out(&self, k: OutKind) {
+    pub(crate) fn message_out(&self, k: OutKind) {
         self.messages_out[k.index()].inc();
     }
     /// Count `n` server frames of one kind.
-    pub fn message_out_n(&self, k: OutKind, n: u64) {
+    pub(crate) fn message_out_n(&self, k: OutKind, n: u64) {
         self.messages_out[k.index()].add(n);
     }
     /// All server frames.
@@ -373,21 +382,21 @@ impl Metrics {
         self.messages_out.iter().map(Counter::get).sum()
     }
     /// Count a finished run.
-    pub fn run_finished(&self, outcome: RunOutcome) {
+    pub(crate) fn run_finished(&self, outcome: RunOutcome) {
         self.runs_finished[outcome.index()].inc();
     }
     /// Runs finished with `outcome`.
-    pub fn runs_finished(&self, outcome: RunOutcome) -> u64 {
+    pub(crate) fn runs_finished(&self, outcome: RunOutcome) -> u64 {
         self.runs_finished[outcome.index()].get()
     }
     /// The latency histogram of a store operation.
-    pub fn store_latency(&self, op: StoreOp) -> &Histogram {
+    pub(crate) fn store_latency(&self, op: StoreOp) -> &Histogram {
         &self.store_latency[op.index()]
     }
 
     /// Render every metric, plus the live gauges the caller reads from the registry and store,
     /// in the Prometheus text format: one `Family` row per metric, in this order.
-    pub fn render(&self, live: &LiveGauges) -> String {
+    pub(crate) fn render(&self, live: &LiveGauges) -> String {
         use Sample::{Counter as C, Counters, Gauge as G, Histogram as H, Histograms};
         let families = [
             Family("tether_thread_mismatches_total", "Frames whose thread_id did not match their connection's context, and cleanups that found no entry for their key.",
@@ -515,14 +524,14 @@ impl Family<'_> {
 
 /// Gauges read from their owners at render time.
 #[derive(Debug, Default, Clone)]
-pub struct LiveGauges {
-    pub connections: u64,
-    pub managers: u64,
-    pub users: u64,
-    pub managers_per_user_avg: f64,
-    pub managers_per_user_max: u64,
-    pub draining: bool,
-    pub tasks_alive: u64,
+pub(crate) struct LiveGauges {
+    pub(crate) connections: u64,
+    pub(crate) managers: u64,
+    pub(crate) users: u64,
+    pub(crate) managers_per_user_avg: f64,
+    pub(crate) managers_per_user_max: u64,
+    pub(crate) draining: bool,
+    pub(crate) tasks_alive: u64,
 }
 
 /// The process's metrics.

@@ -84,7 +84,7 @@ impl Server {
             opts.url = url.expose().to_string();
         }
         opts.node_id = config.cluster.node_id.clone();
-        opts.sqlite_synchronous = config.store.sqlite_synchronous.as_str().to_string();
+        opts.sqlite_synchronous = config.store.sqlite_synchronous;
         let store: Arc<dyn Store> = SqlStore::open(opts, broker.clone()).await?;
         let recovered = store.recover_open_audit_rows().await?;
         if recovered > 0 {

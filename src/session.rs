@@ -23,6 +23,7 @@ use crate::store::{Store, StoreError};
 /// Deliver an `ack` to the sending connection instead of the event itself.
 #[derive(Debug, Clone)]
 pub struct AckTo {
+    /// The stored user message's id.
     pub message_id: String,
     /// The run the message starts.
     pub run_id: String,
@@ -50,11 +51,14 @@ pub struct NewEvent {
 /// The role of a stored chat message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
+    /// The user's message.
     User,
+    /// The agent's reply.
     Agent,
 }
 
 impl Role {
+    /// The role as stored.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::User => "user",
@@ -123,6 +127,7 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// A gate for a session of `ctx`, open until that session fails.
     pub fn new(ctx: &UserExecutionContext) -> Self {
         Self {
             failed: Arc::default(),
@@ -130,6 +135,7 @@ impl Gate {
         }
     }
 
+    /// Whether the session it belongs to failed (what requires it is then refused).
     pub fn failed(&self) -> bool {
         self.failed.load(std::sync::atomic::Ordering::Acquire)
     }

@@ -16,7 +16,12 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{Args, FromArgMatches};
+use std::ffi::OsStr;
+use std::marker::PhantomData;
+
+use clap::builder::{PossibleValue, TypedValueParser};
+use clap::error::ErrorKind;
+use clap::{Args, FromArgMatches, ValueEnum};
 
 pub use secret::Secret;
 
@@ -71,27 +76,78 @@ fn millis_or_zero(
     }
 }
 
-fn boolean(env: &'static str) -> impl Fn(&str) -> Result<bool, String> + Clone + Send + Sync {
-    move |s: &str| match s.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(format!("{env} must be true or false, got '{s}'")),
+/// One of a [`clap::ValueEnum`]'s names: its errors name the variable, and `--help` lists the
+/// names. `ignore_case` keeps each setting's old spelling rules (only `TETHER_SQLITE_SYNCHRONOUS`
+/// ever took any case).
+#[derive(Clone)]
+struct OneOf<T> {
+    env: &'static str,
+    ignore_case: bool,
+    of: PhantomData<fn() -> T>,
+}
+
+fn one_of<T>(env: &'static str, ignore_case: bool) -> OneOf<T> {
+    OneOf {
+        env,
+        ignore_case,
+        of: PhantomData,
     }
 }
 
-/// One of a [`clap::ValueEnum`]'s names (case-insensitive).
-fn choice<T: clap::ValueEnum + Clone + Send + Sync + 'static>(
-    env: &'static str,
-) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync {
-    move |s: &str| {
-        T::from_str(s.trim(), true).map_err(|_| {
+impl<T> OneOf<T>
+where
+    T: ValueEnum + Clone + Send + Sync + 'static,
+{
+    fn parse_str(&self, s: &str) -> Result<T, String> {
+        T::from_str(s.trim(), self.ignore_case).map_err(|_| {
             let names: Vec<String> = T::value_variants()
                 .iter()
                 .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
                 .collect();
-            format!("{env} must be one of {}, got '{s}'", names.join(", "))
+            format!(
+                "{} must be one of {}, got '{s}'",
+                self.env,
+                names.join(", ")
+            )
         })
     }
+}
+
+impl<T> TypedValueParser for OneOf<T>
+where
+    T: ValueEnum + Clone + Send + Sync + 'static,
+{
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<T, clap::Error> {
+        let s = value.to_string_lossy();
+        self.parse_str(&s)
+            .map_err(|e| clap::Error::raw(ErrorKind::InvalidValue, format!("{e}\n")).with_cmd(cmd))
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(
+            T::value_variants()
+                .iter()
+                .filter_map(ValueEnum::to_possible_value),
+        ))
+    }
+}
+
+/// `true` or `false`, as the settings were always spelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    True,
+    False,
+}
+
+fn boolean(env: &'static str) -> impl TypedValueParser<Value = bool> {
+    one_of::<Switch>(env, false).map(|s| s == Switch::True)
 }
 
 fn socket_addr(
@@ -136,6 +192,9 @@ pub enum SqliteSynchronous {
     /// Commits survive a crash of the process, and may be lost with power.
     #[value(name = "NORMAL")]
     Normal,
+    /// As `FULL`, and the journal's deletion is made durable too.
+    #[value(name = "EXTRA")]
+    Extra,
 }
 
 impl SqliteSynchronous {
@@ -144,6 +203,7 @@ impl SqliteSynchronous {
         match self {
             Self::Full => "FULL",
             Self::Normal => "NORMAL",
+            Self::Extra => "EXTRA",
         }
     }
 }
@@ -188,7 +248,7 @@ pub struct ListenConfig {
     pub shutdown_grace: Duration,
 
     /// Log format.
-    #[arg(long, env = "TETHER_LOG_FORMAT", default_value = "human", value_parser = choice::<LogFormat>("TETHER_LOG_FORMAT"), global = true)]
+    #[arg(long, env = "TETHER_LOG_FORMAT", default_value = "human", value_parser = one_of::<LogFormat>("TETHER_LOG_FORMAT", false), global = true)]
     pub log_format: LogFormat,
 }
 
@@ -208,8 +268,8 @@ pub struct StoreConfig {
     #[arg(long, env = "TETHER_DATABASE_URL", value_parser = secret("TETHER_DATABASE_URL"), global = true)]
     pub database_url: Option<Secret>,
 
-    /// SQLite `synchronous` mode: FULL (acknowledged writes survive power loss) or NORMAL.
-    #[arg(long, env = "TETHER_SQLITE_SYNCHRONOUS", default_value = "FULL", value_parser = choice::<SqliteSynchronous>("TETHER_SQLITE_SYNCHRONOUS"), global = true)]
+    /// SQLite `synchronous` mode: FULL (acknowledged writes survive power loss), NORMAL or EXTRA.
+    #[arg(long, env = "TETHER_SQLITE_SYNCHRONOUS", default_value = "FULL", value_parser = one_of::<SqliteSynchronous>("TETHER_SQLITE_SYNCHRONOUS", true), global = true)]
     pub sqlite_synchronous: SqliteSynchronous,
 }
 
@@ -264,7 +324,7 @@ pub struct AuthConfig {
     pub jwt_secret: Option<Secret>,
 
     /// JWT algorithm. RS256/ES256 verify with --jwt-public-key (tokens are then minted elsewhere).
-    #[arg(long, env = "TETHER_JWT_ALG", default_value = "HS256", value_parser = choice::<JwtAlg>("TETHER_JWT_ALG"), global = true)]
+    #[arg(long, env = "TETHER_JWT_ALG", default_value = "HS256", value_parser = one_of::<JwtAlg>("TETHER_JWT_ALG", false), global = true)]
     pub jwt_alg: JwtAlg,
 
     /// PEM file with the public key for RS256/ES256.
@@ -393,6 +453,23 @@ mod tests {
     }
 
     #[test]
+    fn generated_secrets_are_kept_in_the_data_dir_under_their_names() {
+        let dir = std::env::temp_dir().join(format!("tether-cfg-{}", crate::ids::connection_id()));
+        let mut c = Config::for_tests(&dir);
+        c.auth.jwt_secret = None;
+        c.auth.admin_token = None;
+        let jwt = c.resolve_jwt_secret().unwrap();
+        let admin = c.resolve_admin_token().unwrap();
+        assert_ne!(jwt, admin);
+        assert_eq!(c.resolve_jwt_secret().unwrap(), jwt);
+        assert_eq!(c.resolve_admin_token().unwrap(), admin);
+        let on_disk = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        assert_eq!(on_disk("jwt-secret"), jwt.expose());
+        assert_eq!(on_disk("admin-token"), admin.expose());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn the_defaults_are_the_documented_ones() {
         let c = Config::default();
         assert_eq!(c.listen.addr.to_string(), "127.0.0.1:8787");
@@ -426,18 +503,31 @@ mod tests {
         assert!(socket_addr("TETHER_LISTEN")("nope")
             .unwrap_err()
             .contains("TETHER_LISTEN"));
-        let err = choice::<SqliteSynchronous>("TETHER_SQLITE_SYNCHRONOUS")("OFF").unwrap_err();
+        let err = one_of::<SqliteSynchronous>("TETHER_SQLITE_SYNCHRONOUS", true)
+            .parse_str("OFF")
+            .unwrap_err();
         assert!(
             err.contains("TETHER_SQLITE_SYNCHRONOUS") && err.contains("FULL"),
             "{err}"
         );
         assert_eq!(
-            choice::<SqliteSynchronous>("X")("normal"),
+            one_of::<SqliteSynchronous>("X", true).parse_str("normal"),
             Ok(SqliteSynchronous::Normal)
         );
-        assert!(boolean("TETHER_DEV_MODE")("maybe")
+        let switch = one_of::<Switch>("TETHER_DEV_MODE", false);
+        assert!(switch
+            .parse_str("maybe")
             .unwrap_err()
             .contains("TETHER_DEV_MODE"));
+        assert!(switch.parse_str("1").is_err() && switch.parse_str("TRUE").is_err());
+        assert_eq!(switch.parse_str("true"), Ok(Switch::True));
+        assert!(one_of::<JwtAlg>("TETHER_JWT_ALG", false)
+            .parse_str("hs256")
+            .is_err());
+        assert_eq!(
+            one_of::<SqliteSynchronous>("X", true).parse_str("extra"),
+            Ok(SqliteSynchronous::Extra)
+        );
         assert!(millis("TETHER_RUN_TIMEOUT_MS")("0")
             .unwrap_err()
             .contains("TETHER_RUN_TIMEOUT_MS"));

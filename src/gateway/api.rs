@@ -135,8 +135,10 @@ pub(super) struct PublishBody {
 
 pub(super) async fn publish_user_event(
     State(st): State<Arc<AppState>>,
-    _: Admin,
+    // The path before the token, as before the extractors: a path that does not decode gets
+    // axum's 400 whoever asks.
     Path(user_id): Path<String>,
+    _: Admin,
     ApiJson(body): ApiJson<PublishBody>,
 ) -> Result<Json<Value>, ApiError> {
     if body.kind.is_empty() || body.kind.len() > 64 {
@@ -165,8 +167,8 @@ pub(super) async fn publish_user_event(
 
 pub(super) async fn disconnect_user(
     State(st): State<Arc<AppState>>,
-    _: Admin,
     Path(user_id): Path<String>,
+    _: Admin,
 ) -> Result<Json<Value>, ApiError> {
     let closed = st
         .broker

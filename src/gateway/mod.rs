@@ -10,9 +10,10 @@
 //! | `ws` | the WebSocket accept path and the connection task |
 //!
 //! Every request: a head over [`MAX_HEAD_BYTES`] gets 431; every refusal is an [`ApiError`]
-//! (JSON body), 405 and 404 included. Authentication is an extractor ([`extract::AuthUser`],
-//! [`extract::Admin`]), so no handler checks a token by hand; errors are logged once, where they
-//! are handled, never in a conversion.
+//! (JSON body), 405 and 404 included. Authentication of the `/api` and ops routes is an extractor
+//! ([`extract::AuthUser`], [`extract::Admin`]), so none of those handlers checks a token by hand
+//! (the WebSocket handshake has its own order of credential sources: `ws`); errors are logged
+//! once, where they are handled, never in a conversion.
 
 mod api;
 mod error;

@@ -18,7 +18,7 @@ pub use parse::{parse_client_frame, ClientFrame, ClientRequest, FrameError};
 pub const PROTOCOL: &str = "tether.v1";
 /// Longest client correlation id (`id`), in bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 128;
-/// Default and largest `limit` of `get_history` and the events API.
+/// Default `limit` of `get_history` and the events API.
 pub const DEFAULT_HISTORY_LIMIT: u32 = 100;
 /// Largest `limit` of `get_history` and the events API.
 pub const MAX_HISTORY_LIMIT: u32 = 1000;

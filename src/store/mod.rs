@@ -60,6 +60,7 @@ use sqlx::AnyPool;
 use tokio::sync::oneshot;
 
 use crate::broker::Broker;
+use crate::config::SqliteSynchronous;
 use crate::context::{OwnedThread, UserExecutionContext};
 use crate::session::StagedWrite;
 
@@ -307,9 +308,9 @@ pub struct StoreOptions {
     /// This node's id: the audit rows it opens carry it, and at start it closes the ones an
     /// earlier process with this id left open.
     pub node_id: String,
-    /// SQLite `synchronous`: `FULL` (default; an acknowledged write survives power loss) or
-    /// `NORMAL` (survives a process crash; faster).
-    pub sqlite_synchronous: String,
+    /// SQLite `synchronous`: `FULL` (default; an acknowledged write survives power loss),
+    /// `NORMAL` (survives a process crash; faster) or `EXTRA`.
+    pub sqlite_synchronous: SqliteSynchronous,
     /// Connections for reads; the pool holds one more.
     pub read_pool_size: u32,
 }
@@ -329,7 +330,7 @@ impl StoreOptions {
         Self {
             url: format!("sqlite://{}?mode=rwc", data_dir.join("tether.db").display()),
             node_id: "local".into(),
-            sqlite_synchronous: "FULL".into(),
+            sqlite_synchronous: SqliteSynchronous::Full,
             read_pool_size: 4,
         }
     }
@@ -344,14 +345,13 @@ impl SqlStore {
     ) -> Result<Arc<Self>, StoreError> {
         sqlx::any::install_default_drivers();
         let backend = Backend::of(&opts.url)?;
-        // Checked whatever the backend, so a bad value shows before a switch to SQLite.
-        let synchronous = sqlite::synchronous(&opts.sqlite_synchronous)?;
-        let pool = connect(&opts, backend, synchronous.clone()).await?;
+        let synchronous = opts.sqlite_synchronous.as_str();
+        let pool = connect(&opts, backend, synchronous).await?;
         schema::create(&pool, backend).await?;
         let node_id: Arc<str> = opts.node_id.as_str().into();
         let (queue, writer) = writer::queue(broker, node_id.clone());
         match backend {
-            Backend::Sqlite => sqlite::start(sqlite::path(&opts.url)?, &synchronous, writer)?,
+            Backend::Sqlite => sqlite::start(sqlite::path(&opts.url)?, synchronous, writer)?,
             Backend::Postgres => postgres::start(&pool, opts.url.clone(), writer).await?,
         }
         Ok(Arc::new(Self {
@@ -366,7 +366,7 @@ impl SqlStore {
 async fn connect(
     opts: &StoreOptions,
     backend: Backend,
-    synchronous: String,
+    synchronous: &'static str,
 ) -> Result<AnyPool, StoreError> {
     let pool = AnyPoolOptions::new()
         // Statements are prepared once per connection and reused: writer batches use a few
@@ -375,10 +375,9 @@ async fn connect(
         .min_connections(1)
         .acquire_timeout(Duration::from_secs(10))
         .after_connect(move |conn, _meta| {
-            let synchronous = synchronous.clone();
             Box::pin(async move {
                 if backend == Backend::Sqlite {
-                    sqlite::pragmas(conn, &synchronous).await?;
+                    sqlite::pragmas(conn, synchronous).await?;
                 }
                 Ok(())
             })

@@ -106,7 +106,7 @@ pub(super) async fn store() -> (Arc<SqlStore>, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("tether-store-{}", crate::ids::connection_id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut opts = StoreOptions::sqlite_in(&dir);
-    opts.sqlite_synchronous = "NORMAL".into();
+    opts.sqlite_synchronous = crate::config::SqliteSynchronous::Normal;
     let reg = Registry::new(Limits::default());
     (
         SqlStore::open(opts, Arc::new(LocalBroker::new(reg)))
@@ -141,7 +141,7 @@ pub(super) async fn store_on(url: &str) -> Arc<SqlStore> {
     let opts = StoreOptions {
         url: url.to_string(),
         node_id: crate::ids::connection_id(),
-        sqlite_synchronous: "NORMAL".into(),
+        sqlite_synchronous: crate::config::SqliteSynchronous::Normal,
         read_pool_size: 1,
     };
     let reg = Registry::new(Limits::default());

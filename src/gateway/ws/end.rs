@@ -1,8 +1,9 @@
 //! [`End`]: why a connection ended, and what that means on the wire and in the audit trail.
 //!
-//! Everything that can end a connection becomes an `End` first; [`End::close_reason`] and
-//! [`End::recorded`] are the one place where that becomes a close frame, an audit record and a
-//! metric label.
+//! Everything that ends a connection's frame loop becomes an `End`; [`End::close_reason`] and
+//! [`End::recorded`] turn it into the close frame and the audit record. (A connection refused
+//! before its frame loop, at a per-user limit or when its rows cannot be written, is closed
+//! directly with its [`CloseReason`].)
 
 use crate::protocol::{CloseCode, CloseReason};
 

@@ -36,16 +36,6 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// The `synchronous` setting, checked: `FULL`, `NORMAL` or `EXTRA`, in any case.
-pub(super) fn synchronous(value: &str) -> Result<String, StoreError> {
-    match value.to_ascii_uppercase().as_str() {
-        s @ ("FULL" | "NORMAL" | "EXTRA") => Ok(s.to_string()),
-        _ => Err(StoreError::Config(
-            "sqlite synchronous must be FULL, NORMAL or EXTRA".into(),
-        )),
-    }
-}
-
 /// The file path of a `sqlite://PATH?options` URL.
 pub(super) fn path(url: &str) -> Result<PathBuf, StoreError> {
     let rest = url
